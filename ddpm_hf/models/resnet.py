@@ -1,0 +1,129 @@
+"""The time-conditioned ResNet block and the 2x resamplers the UNet is built from."""
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# `act_fn` values accepted in a diffusers config ("swish" is SiLU's older name).
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "silu": nn.SiLU,
+    "swish": nn.SiLU,
+    "mish": nn.Mish,
+    "gelu": nn.GELU,
+    "relu": nn.ReLU,
+}
+
+# Parameter-free 2x resampling inside a ResnetBlock2D (so it adds no weight names).
+_RESAMPLERS = {
+    "down": lambda: nn.AvgPool2d(kernel_size=2),
+    "up": lambda: nn.Upsample(scale_factor=2.0, mode="nearest"),
+}
+
+
+class Downsample2D(nn.Module):
+    """Halves height and width with a stride-2 3x3 convolution.
+
+    Args:
+        channels (`int`): Input and output channels.
+        padding (`int`, defaults to 1): Convolution padding. 0 pads only the bottom and right edge by one
+            pixel instead, which is TensorFlow's "SAME" padding used by the original DDPM checkpoints.
+    """
+
+    def __init__(self, channels: int, padding: int = 1):
+        super().__init__()
+        self.padding = padding
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=padding)
+
+    def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        """`temb` is ignored; it is accepted so that blocks call every resampler the same way."""
+        if self.padding == 0:
+            hidden_states = F.pad(hidden_states, (0, 1, 0, 1))
+        return self.conv(hidden_states)  # (B, C, H/2, W/2)
+
+
+class Upsample2D(nn.Module):
+    """Doubles height and width: nearest-neighbour interpolation, then a 3x3 convolution."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+
+    def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        """`temb` is ignored; it is accepted so that blocks call every resampler the same way."""
+        hidden_states = F.interpolate(hidden_states, scale_factor=2.0, mode="nearest")  # (B, C, 2H, 2W)
+        return self.conv(hidden_states)
+
+
+class ResnetBlock2D(nn.Module):
+    """Pre-activation ResNet block conditioned on the timestep embedding (Ho et al. 2020, appendix B).
+
+    `norm1 -> act -> [resample] -> conv1 -> (+ time) -> norm2 -> act -> dropout -> conv2`, added to a
+    shortcut that is resampled too and projected by a 1x1 convolution when the channel count changes.
+
+    Args:
+        in_channels (`int`): Input channels.
+        out_channels (`int`): Output channels.
+        temb_channels (`int`): Size of the timestep embedding.
+        groups (`int`, defaults to 32): GroupNorm groups; must divide both channel counts.
+        eps (`float`, defaults to 1e-6): GroupNorm epsilon.
+        act_fn (`str`, defaults to `"silu"`): A key of `ACTIVATIONS`.
+        dropout (`float`, defaults to 0.0): Dropout before `conv2`.
+        time_embedding_norm (`"default"` or `"scale_shift"`): `"default"` adds the projected embedding
+            before `norm2`; `"scale_shift"` applies it after `norm2` as a FiLM scale and shift
+            (Dhariwal & Nichol 2021), so `time_emb_proj` predicts twice the channels.
+        output_scale_factor (`float`, defaults to 1.0): The residual sum is divided by this.
+        resample (`"down"`, `"up"` or `None`): 2x average pooling or nearest upsampling right after the
+            first activation, as in BigGAN's residual blocks.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        temb_channels: int,
+        *,
+        groups: int = 32,
+        eps: float = 1e-6,
+        act_fn: str = "silu",
+        dropout: float = 0.0,
+        time_embedding_norm: Literal["default", "scale_shift"] = "default",
+        output_scale_factor: float = 1.0,
+        resample: Literal["down", "up"] | None = None,
+    ):
+        super().__init__()
+        self.time_embedding_norm = time_embedding_norm
+        self.output_scale_factor = output_scale_factor
+        time_channels = 2 * out_channels if time_embedding_norm == "scale_shift" else out_channels
+
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_channels, time_channels)
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
+        self.nonlinearity = ACTIVATIONS[act_fn]()
+        self.resample = _RESAMPLERS[resample]() if resample else None
+        self.conv_shortcut = None
+        if in_channels != out_channels:
+            self.conv_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1)
+
+    def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """Maps `(B, in_channels, H, W)` and a `(B, temb_channels)` embedding to `(B, out_channels, H', W')`."""
+        hidden_states = self.nonlinearity(self.norm1(input_tensor))
+        if self.resample is not None:
+            hidden_states, input_tensor = self.resample(hidden_states), self.resample(input_tensor)
+        hidden_states = self.conv1(hidden_states)
+
+        time = self.time_emb_proj(self.nonlinearity(temb))[:, :, None, None]  # (B, C_time, 1, 1)
+        if self.time_embedding_norm == "scale_shift":
+            scale, shift = time.chunk(2, dim=1)
+            hidden_states = self.norm2(hidden_states) * (1 + scale) + shift
+        else:
+            hidden_states = self.norm2(hidden_states + time)
+
+        hidden_states = self.conv2(self.dropout(self.nonlinearity(hidden_states)))
+        if self.conv_shortcut is not None:
+            input_tensor = self.conv_shortcut(input_tensor)
+        return (input_tensor + hidden_states) / self.output_scale_factor
