@@ -1,0 +1,227 @@
+"""DDPMPipeline: unconditional image generation with a UNet and a noise scheduler."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from typing import Any, Callable, Literal
+
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput, SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+
+from ..models import UNet2DModel
+from ..schedulers import DDPMScheduler
+
+OutputType = Literal["pil", "np", "pt"]
+OUTPUT_TYPES = ("pil", "np", "pt")
+
+# ddpm_hf re-implements these diffusers classes with identical configs and weights. They are
+# recorded in model_index.json under diffusers' names, so a pipeline saved here loads in plain
+# diffusers, and they are loaded back into ddpm_hf's own classes.
+DROP_IN_CLASSES: dict[str, type] = {"UNet2DModel": UNet2DModel, "DDPMScheduler": DDPMScheduler}
+
+StepCallback = Callable[["DDPMPipeline", int, torch.Tensor, dict[str, torch.Tensor]], "dict[str, Any] | None"]
+
+
+class DDPMPipeline(DiffusionPipeline):
+    r"""
+    Pipeline for unconditional image generation with DDPM (Ho et al., 2020).
+
+    A drop-in replacement for `diffusers.DDPMPipeline`: same components, same call signature and, for
+    the same weights and seed, the same images. Beyond diffusers' version it honours schedulers that
+    scale the model input or start from a noise scale other than 1 (DDIM, DPM-Solver, Euler, ...),
+    accepts per-sample generators, and calls a callback after every step.
+
+    Args:
+        unet ([`UNet2DModel`]): The denoising network, predicting noise (or x_0, or v) from x_t and t.
+        scheduler ([`SchedulerMixin`]): The noise scheduler; [`DDPMScheduler`] or any diffusers scheduler.
+
+    Example:
+
+    ```py
+    >>> from ddpm_hf import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    >>> unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(32, 64),
+    ...                    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    ...                    up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8)
+    >>> pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler())
+    >>> images = pipe(batch_size=4, num_inference_steps=50).images  # a list of PIL images
+    >>> pipe.save_pretrained("my-ddpm")  # loads with ddpm_hf or with plain diffusers
+    ```
+    """
+
+    model_cpu_offload_seq = "unet"
+
+    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+
+    def register_to_config(self, **kwargs: Any) -> None:
+        """Records ddpm_hf's drop-in components under diffusers' names in model_index.json."""
+        for name, value in kwargs.items():
+            if isinstance(value, (tuple, list)) and len(value) == 2 and _is_drop_in(*value):
+                kwargs[name] = ("diffusers", value[1])
+        super().register_to_config(**kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> "DDPMPipeline":
+        r"""
+        Loads a saved pipeline into ddpm_hf's own [`UNet2DModel`] and [`DDPMScheduler`].
+
+        Accepts everything `diffusers.DiffusionPipeline.from_pretrained` accepts (a Hub repo id with
+        `revision`, `cache_dir`, `token`, ..., or a local folder; `torch_dtype`), in both layouts
+        diffusers writes: nested (`model_index.json`, `unet/`, `scheduler/`) and flat
+        (`config.json`, `scheduler_config.json` and the weights at the root, like
+        `google/ddpm-cifar10-32`). Components of other classes (say a `DDIMScheduler`) load as the
+        diffusers classes they name.
+
+        Raises:
+            OSError: if the folder is not a saved pipeline, or a component's files are missing or corrupt.
+            ValueError: if the weights do not match the network's configuration.
+        """
+        name = str(pretrained_model_name_or_path)
+        folder = name if os.path.isdir(name) else cls._download_folder(name, kwargs)
+        model_index = _read_model_index(folder)
+
+        if model_index is None:
+            pipe = cls(unet=UNet2DModel.from_pretrained(folder, **_model_kwargs(kwargs)),
+                       scheduler=DDPMScheduler.from_pretrained(folder))
+            pipe.register_to_config(_name_or_path=name)
+            return pipe
+
+        for component, (library, class_name) in _components(model_index).items():
+            if component in kwargs or not _is_drop_in(library, class_name):
+                continue
+            kwargs[component] = _load_component(folder, component, DROP_IN_CLASSES[class_name], kwargs)
+        pipe = super().from_pretrained(folder, **kwargs)
+        pipe.register_to_config(_name_or_path=name)
+        return pipe
+
+    @classmethod
+    def _download_folder(cls, repo_id: str, kwargs: dict[str, Any]) -> str:
+        """Downloads (or finds in the cache) a Hub repo, through diffusers' own download path."""
+        download_keys = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision",
+                         "variant", "use_safetensors")
+        return cls.download(repo_id, **{key: kwargs[key] for key in download_keys if key in kwargs})
+
+    def _sample_shape(self, batch_size: int) -> tuple[int, ...]:
+        size = self.unet.config.sample_size
+        height, width = (size, size) if isinstance(size, int) else size
+        return (batch_size, self.unet.config.in_channels, height, width)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        num_inference_steps: int = 1000,
+        output_type: OutputType = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: StepCallback | None = None,
+    ) -> ImagePipelineOutput | tuple:
+        r"""
+        Generates images by running the reverse process from pure noise.
+
+        Args:
+            batch_size (`int`, defaults to 1): Number of images to generate.
+            generator (`torch.Generator` or a list of them, *optional*): Makes generation
+                deterministic; a list gives each image its own generator (length `batch_size`).
+            num_inference_steps (`int`, defaults to 1000): Number of denoising steps; at most the
+                scheduler's `num_train_timesteps`.
+            output_type (`"pil"`, `"np"` or `"pt"`, defaults to `"pil"`): PIL images, a NumPy array
+                (B, H, W, C) or a tensor (B, C, H, W), with values in [0, 1].
+            return_dict (`bool`, defaults to `True`): Return an `ImagePipelineOutput` instead of a tuple.
+            callback_on_step_end (`Callable`, *optional*): Called after every step as
+                `callback(pipe, step_index, timestep, {"sample": x_{t-1}, "pred_original_sample": x_0})`
+                (`pred_original_sample` only where the scheduler returns it). If it returns a dict
+                holding `"sample"`, that tensor replaces the sample: collect intermediate images or
+                steer the process.
+
+        Returns:
+            [`~diffusers.ImagePipelineOutput`] with `.images`, or a tuple `(images,)`.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size}.")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(f"Got {len(generator)} generators for batch_size {batch_size}: pass one per image.")
+
+        device = self._execution_device
+        # set_timesteps validates num_inference_steps before any noise is drawn.
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        sample = randn_tensor(self._sample_shape(batch_size), generator=generator, device=device, dtype=self.unet.dtype)
+        sample = sample * self.scheduler.init_noise_sigma
+        step_kwargs = self._step_kwargs(generator)
+
+        for step_index, timestep in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            model_input = self.scheduler.scale_model_input(sample, timestep)
+            model_output = self.unet(model_input, timestep).sample
+            step = self.scheduler.step(model_output, timestep, sample, **step_kwargs)
+            sample = step.prev_sample
+            if callback_on_step_end is not None:
+                state = {"sample": sample}
+                if getattr(step, "pred_original_sample", None) is not None:
+                    state["pred_original_sample"] = step.pred_original_sample
+                sample = (callback_on_step_end(self, step_index, timestep, state) or state).get("sample", sample)
+
+        images = self.postprocess(sample, output_type)
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    def _step_kwargs(self, generator: torch.Generator | list[torch.Generator] | None) -> dict[str, Any]:
+        # Deterministic schedulers (PNDM, ...) take no generator argument.
+        accepts_generator = "generator" in inspect.signature(self.scheduler.step).parameters
+        return {"generator": generator} if accepts_generator else {}
+
+    def postprocess(self, sample: torch.Tensor, output_type: OutputType = "pil"):
+        """Maps a sample in [-1, 1] (B, C, H, W) to images in [0, 1] of the requested type."""
+        images = (sample / 2 + 0.5).clamp(0, 1)
+        if output_type == "pt":
+            return images
+        images = images.float().cpu().permute(0, 2, 3, 1).numpy()  # (B, H, W, C)
+        return self.numpy_to_pil(images) if output_type == "pil" else images
+
+
+def _is_drop_in(library: str | None, class_name: str | None) -> bool:
+    """Whether a model_index entry names one of the classes ddpm_hf re-implements."""
+    return library is not None and library.split(".")[0] in ("diffusers", "ddpm_hf") and class_name in DROP_IN_CLASSES
+
+
+def _read_model_index(folder: str) -> dict[str, Any] | None:
+    """The folder's model_index.json, or None for a flat model folder (config.json + scheduler_config.json)."""
+    index_file = os.path.join(folder, "model_index.json")
+    if os.path.isfile(index_file):
+        try:
+            with open(index_file, encoding="utf-8") as f:
+                return json.load(f)
+        except json.JSONDecodeError as error:
+            raise OSError(f"{index_file} is not valid JSON ({error}); re-save or re-download the pipeline.") from error
+    if all(os.path.isfile(os.path.join(folder, f)) for f in ("config.json", "scheduler_config.json")):
+        return None
+    raise OSError(
+        f"{folder} is not a saved DDPM pipeline: expected model_index.json with unet/ and scheduler/ "
+        "(diffusers' layout), or config.json, scheduler_config.json and the weights at the top level "
+        "(the layout of google/ddpm-cifar10-32)."
+    )
+
+
+def _components(model_index: dict[str, Any]) -> dict[str, tuple[str | None, str | None]]:
+    return {key: tuple(value) for key, value in model_index.items()
+            if not key.startswith("_") and isinstance(value, list) and len(value) == 2}
+
+
+def _model_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    keys = ("torch_dtype", "variant", "use_safetensors", "low_cpu_mem_usage")
+    return {key: kwargs[key] for key in keys if key in kwargs}
+
+
+def _load_component(folder: str, component: str, component_class: type, kwargs: dict[str, Any]):
+    """Loads one drop-in component from its subfolder, or from the root in the flat layout."""
+    path = os.path.join(folder, component)
+    path = path if os.path.isdir(path) else folder
+    if issubclass(component_class, SchedulerMixin):
+        return component_class.from_pretrained(path)
+    return component_class.from_pretrained(path, **_model_kwargs(kwargs))
