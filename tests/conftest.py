@@ -26,3 +26,11 @@ TINY_UNET_CONFIG = dict(
 @pytest.fixture
 def tiny_unet_config() -> dict:
     return dict(TINY_UNET_CONFIG)
+
+
+def pytest_configure(config):
+    # One intra-op thread: the tests' tiny networks gain nothing from more, and several test processes
+    # (the multi-process training runs, the CLI subprocesses) must not oversubscribe a 2-core CI machine.
+    import torch
+
+    torch.set_num_threads(1)
