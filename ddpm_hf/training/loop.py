@@ -1,0 +1,534 @@
+"""The training loop: config -> checks -> data -> model -> optimizer steps -> saved pipeline.
+
+Every step's noise and timesteps come from a generator seeded by (seed, step, micro-step, process),
+and the data order and augmentation by (seed, epoch, index), so a run resumed from a checkpoint
+takes exactly the steps an uninterrupted one would.
+
+Example:
+
+```py
+>>> from ddpm_hf.training import TrainingConfig, train
+>>> pipeline = train(TrainingConfig(max_train_steps=200, output_dir="ddpm-digits"))  # the embedded digits
+>>> images = pipeline(batch_size=4).images
+```
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.data_loader import skip_first_batches
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, is_wandb_available, set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from PIL import Image
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
+from tqdm.auto import tqdm
+
+from ..hub import HubPushError, create_hub_repo, push_to_hub, write_model_card
+from ..models import UNet2DModel
+from ..pipelines import DDPMPipeline
+from ..schedulers import DDPMScheduler
+from .checkpointing import Progress, find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint, weights_sha256
+from .checks import check_launch, check_output_dir, check_resolution, count_train_steps, fit_to_data
+from .config import TrainingConfig
+from .data import TrainData, load_train_data
+from .losses import diffusion_loss, min_snr_weights, training_target
+from .monitoring import LossMonitor, NonFiniteLossError, Throughput, stop_agreed, stop_signals
+from .outputs import DENOISING_GIF, FINAL_GRID, RAW_UNET_DIR, RUN_RECORD, publish, sample_grid
+from .presets import load_unet_config
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class Run:
+    """Everything the loop works on, made by `build`."""
+
+    config: TrainingConfig
+    accelerator: Accelerator
+    model: torch.nn.Module  # the UNet as Accelerate prepared it (DDP-wrapped, autocast, maybe compiled)
+    noise_scheduler: DDPMScheduler
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    ema: EMAModel | None
+    data: TrainData
+    dataloader: DataLoader
+    max_train_steps: int
+    progress: Progress = field(default_factory=Progress)
+    repo_id: str | None = None  # the Hub repo to push to (main process, --push_to_hub), created before training
+
+    @property
+    def unet(self) -> UNet2DModel:
+        """The bare UNet inside `model` (not compiled: sampling other batch sizes recompiles nothing)."""
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.config.channels_last else torch.contiguous_format
+
+
+def train(config: TrainingConfig) -> DDPMPipeline | None:
+    """Train a DDPM as `config` says and save it in `config.output_dir`.
+
+    Bad input (flags, data, output folder, checkpoint path) raises `ValueError` or `OSError` before any
+    compute is spent. SIGTERM/SIGINT save a checkpoint at the next step and return None; a NaN/inf
+    loss raises [`NonFiniteLossError`].
+
+    Returns:
+        The [`DDPMPipeline`] with the EMA weights (on every process), or None if stopped by a signal.
+    """
+    accelerator = make_accelerator(config)
+    try:
+        unet_config = load_unet_config(config.model_config)
+        check_resolution(unet_config, config)
+        checkpoint = find_checkpoint(config.output_dir, config.resume_from_checkpoint)
+        check_output_dir(config)
+        repo_id = None
+        if config.push_to_hub and accelerator.is_main_process:  # a missing token or login fails here, not at the end
+            repo_id = create_hub_repo(config.hub_model_id or Path(config.output_dir).name,
+                                      private=config.hub_private_repo, token=config.hub_token)
+        data = load_train_data(
+            config.data,
+            seed=config.seed,
+            process_index=accelerator.process_index,
+            num_processes=accelerator.num_processes,
+        )
+        unet_config = fit_to_data(unet_config, data.num_channels, config)
+        max_train_steps = count_train_steps(config, data, accelerator.num_processes)
+        accelerator.wait_for_everyone()  # every process has passed the checks before any of them writes
+
+        run = build(config, accelerator, data, unet_config, max_train_steps)
+        run.repo_id = repo_id
+        if checkpoint is not None:
+            resume(run, checkpoint)
+        start_logging(run)
+        if train_loop(run) is not None:
+            return None
+        pipeline = save(run)
+        push(run, f"Trained for {run.progress.global_step} steps with ddpm_hf")
+        return pipeline
+    finally:
+        accelerator.end_training()
+
+
+def make_accelerator(config: TrainingConfig) -> Accelerator:
+    """The run's Accelerator; refuses a launch whose processes would each train alone."""
+    if config.logger == "wandb" and not is_wandb_available():
+        raise ImportError("--logger wandb needs the wandb package: `pip install wandb`, or use --logger tensorboard.")
+    output_dir = Path(config.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision=config.mixed_precision,
+        log_with=None if config.logger == "none" else config.logger,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        # The LR schedule counts optimizer steps; by default Accelerate would step it once per process.
+        step_scheduler_with_optimizer=False,
+    )
+    check_launch(accelerator)
+    return accelerator
+
+
+# Build
+
+
+def build(config: TrainingConfig, accelerator: Accelerator, data: TrainData, unet_config: dict,
+          max_train_steps: int) -> Run:
+    """The UNet, noise scheduler, AdamW, LR schedule and EMA, prepared by Accelerate, and the dataloader."""
+    set_seed(config.seed)  # the initial weights
+    if config.allow_tf32:
+        torch.set_float32_matmul_precision("high")
+    unet = UNet2DModel(**unet_config)
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if config.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    noise_scheduler = DDPMScheduler(
+        num_train_timesteps=config.ddpm_num_steps,
+        beta_schedule=config.ddpm_beta_schedule,
+        prediction_type=config.prediction_type,
+    )
+    optimizer = torch.optim.AdamW(
+        unet.parameters(),
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay,
+        eps=config.adam_epsilon,
+        fused=accelerator.device.type == "cuda",
+    )
+    lr_scheduler = get_scheduler(
+        config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=max_train_steps
+    )
+    model, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+
+    ema = None
+    if config.use_ema:
+        ema = EMAModel(unet.parameters(), decay=config.ema_max_decay, use_ema_warmup=True,
+                       inv_gamma=config.ema_inv_gamma, power=config.ema_power, foreach=True)
+        accelerator.register_for_checkpointing(ema)
+    if config.torch_compile:
+        model = compile_or_eager(model, unet_config, config)
+    return Run(config, accelerator, model, noise_scheduler, optimizer, lr_scheduler, ema, data,
+               make_dataloader(data, config, accelerator), max_train_steps)
+
+
+def resume(run: Run, checkpoint: Path):
+    """Load a checkpoint into the built run: weights, optimizer, LR schedule, EMA, RNG states and progress."""
+    run.progress = load_checkpoint(run.accelerator, checkpoint, run.data.dataset)
+    if run.ema is not None:
+        run.ema.to(run.accelerator.device)  # Accelerate loads registered objects onto the CPU
+    logger.info(f"Resumed from {checkpoint} at step {run.progress.global_step}.")
+
+
+def make_dataloader(data: TrainData, config: TrainingConfig, accelerator: Accelerator) -> DataLoader:
+    """This process's batches. Map-style data is sharded and reshuffled each epoch by a DistributedSampler;
+    a stream arrives sharded. Not passed to `accelerator.prepare`: the epoch and the position in it are
+    ours to checkpoint (see `Progress`)."""
+    sampler = None
+    if not isinstance(data.dataset, IterableDataset):
+        sampler = DistributedSampler(data.dataset, num_replicas=accelerator.num_processes,
+                                     rank=accelerator.process_index, shuffle=True, seed=config.seed, drop_last=True)
+    return DataLoader(
+        data.dataset,
+        batch_size=config.train_batch_size,
+        sampler=sampler,
+        drop_last=True,  # equal, full batches on every process
+        num_workers=config.dataloader_num_workers,
+        persistent_workers=config.dataloader_num_workers > 0,
+        pin_memory=accelerator.device.type == "cuda",
+        # Its own generator: creating an iterator would otherwise draw from the global RNG (which dropout uses)
+        # at epoch starts, so a resumed run's dropout masks would drift from an uninterrupted run's.
+        generator=torch.Generator().manual_seed(config.seed),
+    )
+
+
+def compile_or_eager(model: torch.nn.Module, unet_config: dict, config: TrainingConfig) -> torch.nn.Module:
+    """`torch.compile(model)`, traced now with one forward and backward pass; the eager model if that fails."""
+    size = config.data.resolution
+    device = next(model.parameters()).device
+    example = torch.zeros(config.train_batch_size, unet_config["in_channels"], size, size, device=device)
+    example = example.to(memory_format=torch.channels_last if config.channels_last else torch.contiguous_format)
+    timesteps = torch.zeros(config.train_batch_size, dtype=torch.long, device=device)
+    try:
+        compiled = torch.compile(model)
+        compiled(example, timesteps).sample.float().mean().backward()
+        return compiled
+    except Exception as error:  # no C++ compiler, an unsupported Python or platform, a graph break that fails...
+        logger.warning(f"--torch_compile: torch.compile failed ({type(error).__name__}: {error}); "
+                       "training in eager mode.")
+        return model
+    finally:
+        model.zero_grad(set_to_none=True)
+
+
+def start_logging(run: Run):
+    """Save the config beside the model, start the trackers and describe the run."""
+    config, accelerator, data = run.config, run.accelerator, run.data
+    if accelerator.is_main_process:
+        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+        write_run_record(run, Path(config.output_dir))
+    accelerator.init_trackers("ddpm_hf", config=config.to_dict())
+    num_parameters = sum(p.numel() for p in run.unet.parameters())
+    global_batch = global_batch_size(run)
+    logger.info(
+        f"Training a {num_parameters / 1e6:.2f}M-parameter UNet ({config.model_config}) on {data.name} "
+        f"({data.num_examples or 'a stream of'} images, {data.num_channels} channel(s), {config.data.resolution} px) "
+        f"for {run.max_train_steps} steps of {global_batch} images ({accelerator.num_processes} process(es) x "
+        f"{config.train_batch_size} x {config.gradient_accumulation_steps} accumulation), on {accelerator.device}, "
+        f"mixed precision: {accelerator.mixed_precision}."
+    )
+
+
+def write_run_record(run: Run, folder: Path, finished: bool = False):
+    """`training_config.json`: the config (never the token) and, once finished, facts for the model card."""
+    record = run.config.to_dict()
+    if finished:
+        accelerator = run.accelerator
+        on_gpu = accelerator.device.type == "cuda"
+        record.update(
+            global_step=run.progress.global_step,
+            num_processes=accelerator.num_processes,
+            hardware=f"{accelerator.num_processes}x {torch.cuda.get_device_name(accelerator.device)}" if on_gpu
+            else f"{os.cpu_count()} CPU cores",
+            training_time_seconds=round(run.progress.training_seconds, 1),
+            mixed_precision=accelerator.mixed_precision,
+        )
+    (folder / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+# The loop
+
+
+def train_loop(run: Run) -> str | None:
+    """Take optimizer steps up to `max_train_steps`; returns the signal that stopped it early, if one did."""
+    config, progress = run.config, run.progress
+    batches = endless_batches(run.dataloader, progress)
+    monitor = LossMonitor(run.accelerator.device)
+    throughput = Throughput(global_batch_size(run), progress.global_step)
+    bar = tqdm(total=run.max_train_steps, initial=progress.global_step, desc="Training", unit="step",
+               disable=not run.accelerator.is_main_process)
+    with stop_signals() as received, bar:
+        clock = time.perf_counter()
+        while progress.global_step < run.max_train_steps:
+            loss, grad_norm = optimizer_step(run, batches)
+            progress.global_step += 1
+            progress.training_seconds += time.perf_counter() - clock
+            clock = time.perf_counter()
+            step = progress.global_step
+            monitor.update(loss, step)
+            bar.update()
+
+            if step % config.logging_steps == 0 or step == run.max_train_steps:
+                log_metrics(run, monitor, grad_norm, throughput, bar)
+            stop = stop_agreed(run.accelerator, received, at_sync_point=step % config.logging_steps == 0)
+            if step % config.checkpointing_steps == 0 or stop:
+                checkpoint(run, monitor)
+                if config.push_to_hub and config.hub_strategy == "checkpoint" and not stop and step < run.max_train_steps:
+                    save(run)  # the EMA pipeline, its card and a grid into output_dir (all processes take part)
+                    push(run, f"Checkpoint at step {step} (ddpm_hf)", fatal=False)
+                throughput.restart(step)
+            if stop:
+                name = received[0] if received else "a signal to another process"
+                logger.warning(f"Stopped by {name} at step {step}, after saving a checkpoint. "
+                               "Continue with --resume_from_checkpoint latest.")
+                return name
+            if step % config.save_images_steps == 0 and step < run.max_train_steps:  # the last grid comes with save()
+                evaluate(run)
+                throughput.restart(step)
+    return None
+
+
+def global_batch_size(run: Run) -> int:
+    """Images per optimizer step, over all processes and micro-batches."""
+    config = run.config
+    return config.train_batch_size * run.accelerator.num_processes * config.gradient_accumulation_steps
+
+
+def checkpoint(run: Run, monitor: LossMonitor):
+    """Save a checkpoint, unless a NaN/inf loss came since the last one (then raise instead)."""
+    check_finite(run, monitor)
+    path = save_checkpoint(run.accelerator, run.config.output_dir, run.progress, weight_hashes(run),
+                           run.data.dataset, run.config.checkpoints_total_limit)
+    logger.info(f"Saved {path}")
+
+
+def optimizer_step(run: Run, batches: Iterator[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accumulate gradients over `gradient_accumulation_steps` micro-batches, step, update the EMA.
+
+    Returns the mean loss and the gradient norm before clipping, as tensors (no device sync).
+    """
+    config, accelerator = run.config, run.accelerator
+    losses = []
+    for micro_step in range(config.gradient_accumulation_steps):
+        generator = step_generator(config.seed, run.progress.global_step, micro_step, accelerator.process_index,
+                                   accelerator.device)
+        with accelerator.accumulate(run.model):
+            loss, grad_norm = train_step(run, next(batches), generator)
+        losses.append(loss)
+    if run.ema is not None:
+        run.ema.step(run.unet.parameters())
+    return torch.stack(losses).mean(), grad_norm
+
+
+def train_step(
+    run: Run, clean_images: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One micro-batch: draw t and x_t ~ q(x_t | x_0), regress the target, backpropagate; at the end of an
+    accumulation also clip, step the optimizer and the LR schedule. Returns the loss and, then, the grad norm."""
+    accelerator, scheduler, config = run.accelerator, run.noise_scheduler, run.config
+    clean_images = clean_images.to(accelerator.device, memory_format=run.memory_format, non_blocking=True)
+    noise = torch.randn(clean_images.shape, generator=generator, device=clean_images.device)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (clean_images.shape[0],),
+                              generator=generator, device=clean_images.device)  # (B,)
+    noisy_images = scheduler.add_noise(clean_images, noise, timesteps)  # Ho et al. 2020, eq. 4
+
+    prediction = run.model(noisy_images, timesteps).sample
+    target = training_target(scheduler, clean_images, noise, timesteps)
+    weights = min_snr_weights(scheduler, timesteps, config.snr_gamma) if config.snr_gamma else None
+    loss = diffusion_loss(prediction, target, weights)
+    accelerator.backward(loss)
+
+    grad_norm = None
+    if accelerator.sync_gradients:
+        grad_norm = accelerator.clip_grad_norm_(run.model.parameters(), config.max_grad_norm)
+        run.optimizer.step()
+        run.lr_scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), grad_norm
+
+
+def step_generator(seed: int, step: int, micro_step: int, process_index: int, device: torch.device) -> torch.Generator:
+    """The generator of one micro-batch's noise and timesteps, seeded by its coordinates alone (not by RNG
+    history), so that a resumed run draws exactly what an uninterrupted one would."""
+    key = np.random.SeedSequence([seed, step, micro_step, process_index]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator(device).manual_seed(int(key))
+
+
+def endless_batches(dataloader: DataLoader, progress: Progress) -> Iterator[torch.Tensor]:
+    """Micro-batches epoch after epoch from where `progress` says, keeping its epoch and position current."""
+    dataset = dataloader.dataset
+    while True:
+        dataset.set_epoch(progress.epoch)
+        if isinstance(dataloader.sampler, DistributedSampler):
+            dataloader.sampler.set_epoch(progress.epoch)
+        epoch_batches = dataloader
+        if progress.batches_in_epoch and not isinstance(dataset, IterableDataset):
+            # A resumed epoch: skip the batches already used, without loading them. (A stream resumes by its state.)
+            epoch_batches = skip_first_batches(dataloader, progress.batches_in_epoch)
+        for batch in epoch_batches:
+            progress.batches_in_epoch += 1
+            yield batch
+        if progress.batches_in_epoch == 0:
+            raise ValueError("An epoch of the training data produced no full batch: lower --train_batch_size.")
+        progress.epoch += 1
+        progress.batches_in_epoch = 0
+
+
+# Monitoring
+
+
+def check_finite(run: Run, monitor: LossMonitor):
+    """Raise `NonFiniteLossError` if any process has seen a NaN/inf loss (a sync: call it on every process)."""
+    bad_step = monitor.first_nonfinite_step(run.accelerator)
+    if bad_step is None:
+        return
+    checkpoints = list_checkpoints(run.config.output_dir)
+    last_good = f"the last good checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was saved before it"
+    raise NonFiniteLossError(
+        f"The loss became NaN or inf at step {bad_step} (noticed at step {run.progress.global_step}); training "
+        f"stopped without saving anything after it, and {last_good}. Lower --learning_rate, lengthen "
+        "--lr_warmup_steps, check the data, or use --mixed_precision no."
+    )
+
+
+def log_metrics(run: Run, monitor: LossMonitor, grad_norm: torch.Tensor, throughput: Throughput, bar: tqdm):
+    """Check the loss is finite, then log loss, lr, grad norm, images/s (and EMA decay) to trackers and the bar."""
+    check_finite(run, monitor)
+    step = run.progress.global_step
+    logs = {
+        "loss": monitor.pop_mean(run.accelerator),
+        "lr": run.lr_scheduler.get_last_lr()[0],
+        "grad_norm": float(grad_norm),
+        "images_per_s": throughput.read(step),
+        "epoch": run.progress.epoch,
+    }
+    if run.ema is not None:
+        logs["ema_decay"] = run.ema.cur_decay_value
+    run.accelerator.log(logs, step=step)
+    bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{logs['images_per_s']:.0f}")
+
+
+def weight_hashes(run: Run) -> dict[str, str]:
+    """Hashes of this process's weights and EMA, recorded in checkpoints to show that processes agree."""
+    hashes = {"unet": weights_sha256(run.unet.parameters())}
+    if run.ema is not None:
+        hashes["ema"] = weights_sha256(run.ema.shadow_params)
+    return hashes
+
+
+# Sampling and saving
+
+
+@contextmanager
+def sampling_mode(unet: torch.nn.Module, ema: EMAModel | None) -> Iterator[None]:
+    """Put `unet` in eval mode with the EMA weights swapped in; on exit, the trained weights and mode come back."""
+    was_training = unet.training
+    if ema is not None:
+        ema.store(unet.parameters())
+        ema.copy_to(unet.parameters())
+    unet.eval()
+    try:
+        yield
+    finally:
+        if ema is not None:
+            ema.restore(unet.parameters())
+        unet.train(was_training)
+
+
+def evaluate(run: Run):
+    """Sample a grid with the EMA weights, save it as samples/step_{N}.png and log it (main process only)."""
+    if not run.accelerator.is_main_process:
+        return
+    config, step = run.config, run.progress.global_step
+    pipeline = DDPMPipeline(unet=run.unet, scheduler=DDPMScheduler.from_config(run.noise_scheduler.config))
+    pipeline.set_progress_bar_config(disable=True)
+    with sampling_mode(run.unet, run.ema):
+        grid = sample_grid(pipeline, config.eval_batch_size, config.ddpm_num_inference_steps, config.seed)
+    path = Path(config.output_dir) / "samples" / f"step_{step:06d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    log_grid(run.accelerator, grid, step)
+
+
+def log_grid(accelerator: Accelerator, grid: Image.Image, step: int):
+    """Send a sample grid to every tracker."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({"samples": np.asarray(grid)[None]}, step=step, dataformats="NHWC")
+        else:
+            tracker.log_images({"samples": [grid]}, step=step)
+
+
+def save(run: Run) -> DDPMPipeline:
+    """Save the pipeline with the EMA weights (safetensors), the raw weights in unet_raw/, and a final sample
+    grid (and GIF) to output_dir, through a staging folder; returns the pipeline on every process."""
+    config, accelerator = run.config, run.accelerator
+    pipeline = DDPMPipeline(unet=unet_copy(run, use_ema=True),
+                            scheduler=DDPMScheduler.from_config(run.noise_scheduler.config))
+    pipeline.set_progress_bar_config(disable=True)
+    if accelerator.is_main_process:
+        output_dir = Path(config.output_dir)
+        staging = output_dir / ".final.tmp"
+        shutil.rmtree(staging, ignore_errors=True)  # debris of a save that crashed
+        pipeline.save_pretrained(staging, safe_serialization=True)
+        if run.ema is not None:
+            unet_copy(run, use_ema=False).save_pretrained(staging / RAW_UNET_DIR, safe_serialization=True)
+        gif_path = staging / DENOISING_GIF if config.save_denoising_gif else None
+        grid = sample_grid(pipeline, config.eval_batch_size, config.ddpm_num_inference_steps, config.seed, gif_path)
+        grid.save(staging / FINAL_GRID)
+        write_run_record(run, staging, finished=True)
+        write_model_card(staging, run.repo_id)
+        publish(staging, output_dir)
+        log_grid(accelerator, grid, run.progress.global_step)
+        logger.info(f"Saved the pipeline and {FINAL_GRID} to {output_dir}")
+    accelerator.wait_for_everyone()
+    return pipeline
+
+
+def push(run: Run, commit_message: str, fatal: bool = True):
+    """Upload output_dir's pipeline, card and samples (never checkpoints) to `run.repo_id`, if pushing.
+
+    A failed push at a checkpoint (`fatal=False`) is a warning: training goes on and the next push retries.
+    """
+    if run.repo_id is None:
+        return
+    config = run.config
+    try:
+        commit = push_to_hub(config.output_dir, run.repo_id, private=config.hub_private_repo, token=config.hub_token,
+                             commit_message=commit_message)
+    except HubPushError as error:
+        if fatal:
+            raise
+        logger.warning(f"{error}\nTraining goes on; the next checkpoint or the end pushes again.")
+        return
+    logger.info(f"Pushed the pipeline to {commit.repo_url}")
+
+
+def unet_copy(run: Run, use_ema: bool) -> UNet2DModel:
+    """A separate eval-mode UNet with the trained weights, or the EMA weights when `use_ema` and there are some."""
+    unet = UNet2DModel.from_config(run.unet.config)
+    unet.load_state_dict(run.unet.state_dict())
+    if use_ema and run.ema is not None:
+        run.ema.copy_to(unet.parameters())
+    return unet.to(run.accelerator.device).eval()
