@@ -53,8 +53,8 @@ class SpatialSelfAttention(nn.Module):
         if self.group_norm is not None:
             hidden_states = self.group_norm(hidden_states)
 
-        # A view (no copy) for both NCHW and channels_last inputs.
-        tokens = hidden_states.flatten(2).transpose(1, 2)  # (B, HW, C)
+        # One copy for NCHW inputs (rather than one inside each projection), none for channels_last ones.
+        tokens = hidden_states.flatten(2).transpose(1, 2).contiguous()  # (B, HW, C)
         query, key, value = (
             project(tokens).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, heads, HW, head_dim)
             for project in (self.to_q, self.to_k, self.to_v)
@@ -62,8 +62,10 @@ class SpatialSelfAttention(nn.Module):
         attended = F.scaled_dot_product_attention(query, key, value)  # (B, heads, HW, head_dim)
         attended = self.to_out[0](attended.transpose(1, 2).flatten(2))  # (B, HW, C)
 
-        hidden_states = attended.transpose(1, 2).unflatten(2, (height, width))  # (B, C, H, W)
-        return (hidden_states + residual) / self.rescale_output_factor
+        hidden_states = attended.transpose(1, 2).unflatten(2, (height, width))  # (B, C, H, W), channels_last strides
+        # The residual first: the sum takes its memory format, so NCHW activations stay NCHW without a copy.
+        hidden_states = residual + hidden_states
+        return hidden_states if self.rescale_output_factor == 1 else hidden_states / self.rescale_output_factor
 
 
 # diffusers < 0.14 named the attention projections after the roles of q, k, v and the output projection.

@@ -126,4 +126,5 @@ class ResnetBlock2D(nn.Module):
         hidden_states = self.conv2(self.dropout(self.nonlinearity(hidden_states)))
         if self.conv_shortcut is not None:
             input_tensor = self.conv_shortcut(input_tensor)
-        return (input_tensor + hidden_states) / self.output_scale_factor
+        hidden_states = input_tensor + hidden_states
+        return hidden_states if self.output_scale_factor == 1 else hidden_states / self.output_scale_factor

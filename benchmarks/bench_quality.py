@@ -1,0 +1,183 @@
+"""The quality bar: the README's main job against real digits (the floor) and a diffusers-style loop (the peer).
+
+    python benchmarks/bench_quality.py                                         # the bar, on a CPU
+    python benchmarks/bench_quality.py --max_train_steps 300 --inference_steps 100   # a quick look
+
+Rows, each scored against the embedded digits' train split (1,437 images) with the shipped digits
+classifier's features, from the same number of images (360 by default, the size of the held-out split):
+
+- floor: the 360 held-out real digits. No model can be expected to beat real data.
+- ddpm_hf: `ddpm_hf.training.train` with the README main job's defaults (the `tiny` UNet on the
+  embedded 16 px digits; `TrainingConfig()`), EMA weights.
+- peer: the loop of diffusers' `examples/unconditional_image_generation/train_unconditional.py` with its
+  default optimisation (AdamW lr 1e-4, betas (0.95, 0.999), weight decay 1e-6, 500 warmup steps, cosine,
+  EMA up to 0.9999 with power 3/4, clipping at 1) on diffusers' own `UNet2DModel` and `DDPMScheduler`,
+  with the same budget: the same network, data, batch size, number of steps and seed.
+
+Both models sample with the 1000-step ancestral DDPM sampler (or `--sampler ddim`), image i from seed i.
+The peer samples through ddpm_hf's `DDPMPipeline` loop around diffusers' components (the same loop as
+diffusers' pipeline, which cannot return tensors). Prints a table and one JSON line per row; ddpm_hf must be at
+least as good as the peer (a lower Fréchet distance).
+
+On a CPU shared with other work, `OMP_NUM_THREADS=1` is often faster than the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import diffusers
+import torch
+import torch.nn.functional as F
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+
+from ddpm_hf import DDPMPipeline
+from ddpm_hf.evaluation import EvaluationResult, digits_split, evaluate_images, evaluate_pipeline
+from ddpm_hf.training import DataConfig, TrainingConfig, load_train_data, load_unet_config, train
+
+SAMPLERS = {"ddpm": diffusers.DDPMScheduler, "ddim": diffusers.DDIMScheduler}
+COLUMNS = ("frechet_distance", "kid", "precision", "recall", "confidence", "class_coverage")
+
+
+@dataclass
+class PeerConfig:
+    """train_unconditional.py's defaults for what ddpm_hf's TrainingConfig sets differently."""
+
+    learning_rate: float = 1e-4
+    lr_warmup_steps: int = 500
+    adam_betas: tuple[float, float] = (0.95, 0.999)
+    adam_weight_decay: float = 1e-6
+    adam_epsilon: float = 1e-8
+    ema_max_decay: float = 0.9999
+    ema_inv_gamma: float = 1.0
+    ema_power: float = 0.75
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class Row:
+    name: str
+    result: EvaluationResult
+    train_seconds: float | None = None
+    sample_seconds: float | None = None
+
+    def to_json(self) -> str:
+        return json.dumps({"row": self.name, "train_seconds": self.train_seconds,
+                           "sample_seconds": self.sample_seconds, **self.result.to_dict()})
+
+
+def floor_row(args: argparse.Namespace, training: TrainingConfig) -> Row:
+    """The held-out real digits, scored like samples."""
+    images, _ = digits_split("test")
+    return Row("floor: held-out real digits", evaluate_images(images[: args.num_samples], cache_dir=args.cache_dir))
+
+
+def ours_row(args: argparse.Namespace, training: TrainingConfig) -> Row:
+    """Train with the README main job's settings and score the saved EMA pipeline."""
+    start = time.perf_counter()
+    pipeline = train(training)
+    if pipeline is None:
+        raise SystemExit("Training was stopped by a signal; the benchmark has no model to score.")
+    return score("ddpm_hf: README main job", pipeline, args, time.perf_counter() - start)
+
+
+def peer_row(args: argparse.Namespace, training: TrainingConfig) -> Row:
+    """Train with a train_unconditional-style loop on the same budget and score its EMA weights."""
+    start = time.perf_counter()
+    pipeline = train_peer(training, PeerConfig())
+    return score("peer: diffusers train_unconditional-style", pipeline, args, time.perf_counter() - start)
+
+
+def train_peer(training: TrainingConfig, peer: PeerConfig) -> DDPMPipeline:
+    """diffusers' example loop: x_t ~ q(x_t | x_0), MSE to the noise, AdamW, clipping, LR schedule, EMA."""
+    data = load_train_data(training.data, seed=training.seed)
+    torch.manual_seed(training.seed)
+    unet = diffusers.UNet2DModel(**load_unet_config(training.model_config), sample_size=training.data.resolution,
+                                 in_channels=data.num_channels, out_channels=data.num_channels)
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=training.ddpm_num_steps,
+                                        beta_schedule=training.ddpm_beta_schedule)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=peer.learning_rate, betas=peer.adam_betas,
+                                  weight_decay=peer.adam_weight_decay, eps=peer.adam_epsilon)
+    lr_scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=peer.lr_warmup_steps,
+                                 num_training_steps=training.max_train_steps)
+    ema = EMAModel(unet.parameters(), decay=peer.ema_max_decay, use_ema_warmup=True, inv_gamma=peer.ema_inv_gamma,
+                   power=peer.ema_power)
+    loader = torch.utils.data.DataLoader(data.dataset, batch_size=training.train_batch_size, shuffle=True,
+                                         generator=torch.Generator().manual_seed(training.seed))
+    unet.train()
+    step = 0
+    while step < training.max_train_steps:
+        for clean_images in loader:  # (B, C, H, W) in [-1, 1]
+            noise = torch.randn_like(clean_images)
+            timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(clean_images),))
+            noisy_images = scheduler.add_noise(clean_images, noise, timesteps)
+            loss = F.mse_loss(unet(noisy_images, timesteps).sample, noise)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), peer.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad()
+            ema.step(unet.parameters())
+            step += 1
+            if step == training.max_train_steps:
+                break
+    ema.copy_to(unet.parameters())
+    return DDPMPipeline(unet=unet.eval(), scheduler=scheduler)
+
+
+def score(name: str, pipeline: DDPMPipeline, args: argparse.Namespace, train_seconds: float) -> Row:
+    pipeline.scheduler = SAMPLERS[args.sampler].from_config(pipeline.scheduler.config)
+    start = time.perf_counter()
+    result = evaluate_pipeline(pipeline, args.num_samples, num_inference_steps=args.inference_steps,
+                               cache_dir=args.cache_dir, show_progress=True)
+    return Row(name, result, round(train_seconds, 1), round(time.perf_counter() - start, 1))
+
+
+def print_table(rows: list[Row]):
+    header = f"{'row':<44} {'train s':>8} {'sample s':>9} " + " ".join(f"{c:>16}" for c in COLUMNS)
+    print(header)
+    for row in rows:
+        values = row.result.metrics()
+        times = " ".join(f"{'' if t is None else f'{t:.0f}':>{w}}" for t, w in ((row.train_seconds, 8),
+                                                                                  (row.sample_seconds, 9)))
+        print(f"{row.name:<44} {times} " + " ".join(f"{values[c]:>16.4f}" for c in COLUMNS))
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--max_train_steps", type=int, help="training steps for both models (default: the "
+                        "README main job's, TrainingConfig().max_train_steps)")
+    parser.add_argument("--num_samples", type=int, default=360, help="images per row (default: 360)")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm", help="how both models sample (default: ddpm)")
+    parser.add_argument("--inference_steps", type=int, default=1000, help="sampling steps (default: 1000)")
+    parser.add_argument("--output_dir", type=Path, default=Path("outputs/bench_quality"),
+                        help="where the trained ddpm_hf pipeline and the reference cache go")
+    return parser.parse_args()
+
+
+def main():
+    args = parse_args()
+    args.cache_dir = args.output_dir / "reference_stats"
+    steps = {} if args.max_train_steps is None else {"max_train_steps": args.max_train_steps}
+    # The README main job's settings. Only its sample grids are made cheaper (none during training, 100 steps
+    # at the end): they use their own generator, so the trained weights are those of the default run.
+    training = TrainingConfig(output_dir=str(args.output_dir / "ddpm_hf"), overwrite_output_dir=True, logger="none",
+                              save_images_steps=10**9, ddpm_num_inference_steps=100, **steps)
+    rows = []
+    for make_row in (floor_row, ours_row, peer_row):
+        rows.append(make_row(args, training))
+        print(rows[-1].to_json(), flush=True)
+    print_table(rows)
+    ours, peer = rows[1].result.frechet_distance, rows[2].result.frechet_distance
+    verdict = "at least as good as" if ours <= peer else "WORSE than"
+    print(f"ddpm_hf (FD {ours:.2f}) is {verdict} the peer (FD {peer:.2f}) after {training.max_train_steps} steps, "
+          f"sampled with {args.inference_steps} {args.sampler} steps.")
+
+
+if __name__ == "__main__":
+    main()
