@@ -46,7 +46,7 @@ class TrainingConfig:
     seed: int = 0  # seeds the weights, the data order and every training step's noise
     train_batch_size: int = 64  # images per process per micro-batch
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (global batch = this x batch x processes)
-    max_train_steps: int = 1500  # optimizer steps to train for (ignored when --num_epochs is given)
+    max_train_steps: int = 1000  # optimizer steps to train for (ignored when --num_epochs is given)
     num_epochs: int | None = None  # train for whole passes over the data instead of --max_train_steps
     learning_rate: float = 2e-3  # peak AdamW learning rate; small models on small images take large ones
     lr_scheduler: LRScheduler = "cosine"  # the learning-rate shape after warmup (diffusers.optimization)
