@@ -91,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, HubPushError) as error:
+    except (ValueError, OSError, HubPushError) as error:  # OSError: a missing file (weights, folder, image)
         print(f"ddpm-hf {args.command}: error: {error}", file=sys.stderr)
         return 1
     return 0
