@@ -190,9 +190,9 @@ def main() -> int:
         size = config.unet["sample_size"]
         images = torch.rand(batch_size, config.unet["in_channels"], size, size,
                             generator=torch.Generator().manual_seed(0)).to(device) * 2 - 1
-        flops_per_image = unet_flops(diffusers.UNet2DModel(**config.unet).to(device), images, backward=True) / batch_size
-        modes = args.modes or (["fp32-eager", "best"] if not (args.quick and not on_cuda) or index == 0
-                               else ["fp32-eager"])
+        reference_unet = diffusers.UNet2DModel(**config.unet).to(device)
+        flops_per_image = unet_flops(reference_unet, images, backward=True) / batch_size
+        modes = args.modes or (["fp32-eager"] if args.quick and not on_cuda and index > 0 else ["fp32-eager", "best"])
         for mode in modes:
             rows.append(run_mode(mode, config, images, steps, args.rounds, args.quick, clock, mixed_precision,
                                  flops_per_image, peak))
