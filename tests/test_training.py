@@ -10,6 +10,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from sklearn.datasets import load_digits
 from huggingface_hub import HfApi
+from huggingface_hub import constants as hf_constants
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ddpm_hf import DDPMPipeline, DDPMScheduler, UNet2DModel
@@ -152,7 +153,7 @@ def test_short_run_on_an_image_folder_lowers_the_loss_and_saves_the_pipeline(tmp
     ema, raw = saved_weights(output_dir), saved_weights(output_dir, "unet_raw")
     assert not all(torch.equal(ema[name], raw[name]) for name in ema)
     assert_same_weights(ema, {name: p.cpu() for name, p in pipeline.unet.state_dict().items()})
-    assert Image.open(output_dir / "samples.png").size == (256, 256)  # 4 images of 8 px, enlarged
+    assert Image.open(output_dir / "samples.png").size == (128, 128)  # 2x2 images of 8 px, enlarged to 64
     assert (output_dir / "samples" / "step_000020.png").is_file()
     gif = Image.open(output_dir / "denoising.gif")
     assert gif.is_animated and gif.n_frames > 3
@@ -306,3 +307,32 @@ def test_latest_ignores_half_written_checkpoints(tmp_path):
     assert [path.name for path in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-10"]
     assert find_checkpoint(tmp_path, "latest") == checkpoints / "checkpoint-10"
     assert find_checkpoint(tmp_path / "empty", "latest") is None
+
+
+def test_eval_every_logs_sample_quality_and_puts_the_last_in_the_model_card(tmp_path, monkeypatch):
+    monkeypatch.setattr(hf_constants, "HF_HOME", str(tmp_path / "hf_home"))  # the reference statistics' cache
+    output_dir = tmp_path / "run"
+    train(make_config(output_dir, max_train_steps=6, eval_every=4, eval_num_samples=20, logger="tensorboard"))
+
+    events = EventAccumulator(str(output_dir / "logs" / "ddpm_hf"))
+    events.Reload()
+    distances = events.Scalars("eval/frechet_distance")
+    assert [event.step for event in distances] == [4, 6]  # every 4 steps, and at the end
+    assert all(np.isfinite(event.value) and event.value > 0 for event in distances)
+    assert 0 <= events.Scalars("eval/confidence")[-1].value <= 1
+    assert {"eval/kid", "eval/precision", "eval/recall", "eval/class_coverage"} <= set(events.Tags()["scalars"])
+
+    record = json.loads((output_dir / "eval_results.json").read_text())
+    assert record["num_samples"] == 20 and record["steps"] == 5 and record["features"].startswith("digits")
+    assert record["frechet_distance"] == pytest.approx(distances[-1].value, rel=1e-5)
+    card = (output_dir / "README.md").read_text()
+    assert f"{record['frechet_distance']:.4g}" in card and "Measured on 20 samples (ddpm, 5 steps)" in card
+    assert any(hf_constants.HF_HOME in str(path) for path in (tmp_path / "hf_home").rglob("*.npz"))
+
+
+def test_eval_every_on_images_other_than_the_digits_needs_the_inception_weights(tmp_path, digit_folder, monkeypatch):
+    monkeypatch.delenv("DDPM_HF_INCEPTION_WEIGHTS", raising=False)
+    config = make_config(tmp_path / "out", digit_folder, eval_every=2)
+    with pytest.raises(FileNotFoundError, match="--eval_inception_weights PATH"):
+        train(config)
+    assert not Path(config.output_dir).exists()

@@ -14,7 +14,7 @@ from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from huggingface_hub.utils import validate_repo_id
 
-from .card import CARD_NAME, sample_images, write_model_card
+from .card import CARD_NAME, EVAL_RESULTS_FILE, sample_images, write_model_card
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -125,14 +125,14 @@ def check_saved_pipeline(folder: str | os.PathLike) -> None:
 
 
 def files_to_upload(folder: str | os.PathLike) -> list[str]:
-    """The folder's files that belong on the Hub, as repo paths: the pipeline, the card and the sample images."""
+    """The folder's files that belong on the Hub, as repo paths: the pipeline, the card, the sample-quality record
+    and the sample images."""
     folder = Path(folder)
     paths = ["model_index.json"]
     for component in COMPONENT_CONFIGS:
         paths += sorted(f"{component}/{path.name}" for path in (folder / component).iterdir()
                         if path.is_file() and path.suffix in COMPONENT_SUFFIXES)
-    if (folder / CARD_NAME).is_file():
-        paths.append(CARD_NAME)
+    paths += [name for name in (CARD_NAME, EVAL_RESULTS_FILE) if (folder / name).is_file()]
     return paths + sample_images(folder)
 
 

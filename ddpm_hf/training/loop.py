@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -36,7 +37,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 from tqdm.auto import tqdm
 
-from ..hub import HubPushError, create_hub_repo, push_to_hub, write_model_card
+from ..hub import EVAL_RESULTS_FILE, HubPushError, create_hub_repo, push_to_hub, write_model_card
 from ..models import UNet2DModel
 from ..pipelines import DDPMPipeline
 from ..schedulers import DDPMScheduler
@@ -48,6 +49,9 @@ from .losses import diffusion_loss, min_snr_weights, training_target
 from .monitoring import LossMonitor, NonFiniteLossError, Throughput, stop_agreed, stop_signals
 from .outputs import DENOISING_GIF, FINAL_GRID, RAW_UNET_DIR, RUN_RECORD, publish, sample_grid
 from .presets import load_unet_config
+
+if TYPE_CHECKING:
+    from ..evaluation import FeatureExtractor, ReferenceStats
 
 logger = get_logger(__name__)
 
@@ -68,6 +72,8 @@ class Run:
     max_train_steps: int
     progress: Progress = field(default_factory=Progress)
     repo_id: str | None = None  # the Hub repo to push to (main process, --push_to_hub), created before training
+    quality_reference: tuple[FeatureExtractor, ReferenceStats] | None = None  # main process, with --eval_every
+    evaluation: dict | None = None  # the latest sample-quality record, saved as eval_results.json for the card
 
     @property
     def unet(self) -> UNet2DModel:
@@ -107,10 +113,13 @@ def train(config: TrainingConfig) -> DDPMPipeline | None:
         )
         unet_config = fit_to_data(unet_config, data.num_channels, config)
         max_train_steps = count_train_steps(config, data, accelerator.num_processes)
+        quality_reference = None
+        if config.eval_every is not None and accelerator.is_main_process:  # a missing Inception file fails here
+            quality_reference = prepare_quality_reference(config, data, accelerator.device)
         accelerator.wait_for_everyone()  # every process has passed the checks before any of them writes
 
         run = build(config, accelerator, data, unet_config, max_train_steps)
-        run.repo_id = repo_id
+        run.repo_id, run.quality_reference = repo_id, quality_reference
         if checkpoint is not None:
             resume(run, checkpoint)
         start_logging(run)
@@ -121,6 +130,21 @@ def train(config: TrainingConfig) -> DDPMPipeline | None:
         return pipeline
     finally:
         accelerator.end_training()
+
+
+def prepare_quality_reference(config: TrainingConfig, data: TrainData,
+                              device: torch.device) -> tuple[FeatureExtractor, ReferenceStats]:
+    """The feature extractor and the training data's feature statistics that `--eval_every` compares with."""
+    from ..evaluation import prepare_reference, reference_for_training  # here: evaluation reads training's data
+
+    try:
+        return prepare_reference(data.num_channels, config.data.resolution, device=device,
+                                 inception_weights=config.eval_inception_weights, **reference_for_training(config.data))
+    except FileNotFoundError as error:
+        raise FileNotFoundError(
+            f"--eval_every compares samples of {data.name} with it in Inception features (the FID): {error} "
+            "In training, give the file with --eval_inception_weights PATH, or leave out --eval_every."
+        ) from error
 
 
 def make_accelerator(config: TrainingConfig) -> Accelerator:
@@ -304,7 +328,10 @@ def train_loop(run: Run) -> str | None:
                                "Continue with --resume_from_checkpoint latest.")
                 return name
             if step % config.save_images_steps == 0 and step < run.max_train_steps:  # the last grid comes with save()
-                evaluate(run)
+                log_sample_grid(run)
+                throughput.restart(step)
+            if config.eval_every is not None and (step % config.eval_every == 0 or step == run.max_train_steps):
+                measure_quality(run)
                 throughput.restart(step)
     return None
 
@@ -456,19 +483,47 @@ def sampling_mode(unet: torch.nn.Module, ema: EMAModel | None) -> Iterator[None]
         unet.train(was_training)
 
 
-def evaluate(run: Run):
+def sampling_pipeline(run: Run) -> DDPMPipeline:
+    """A quiet pipeline around the training UNet (put it in `sampling_mode` before calling it)."""
+    pipeline = DDPMPipeline(unet=run.unet, scheduler=DDPMScheduler.from_config(run.noise_scheduler.config))
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def log_sample_grid(run: Run):
     """Sample a grid with the EMA weights, save it as samples/step_{N}.png and log it (main process only)."""
     if not run.accelerator.is_main_process:
         return
     config, step = run.config, run.progress.global_step
-    pipeline = DDPMPipeline(unet=run.unet, scheduler=DDPMScheduler.from_config(run.noise_scheduler.config))
-    pipeline.set_progress_bar_config(disable=True)
+    pipeline = sampling_pipeline(run)
     with sampling_mode(run.unet, run.ema):
         grid = sample_grid(pipeline, config.eval_batch_size, config.ddpm_num_inference_steps, config.seed)
     path = Path(config.output_dir) / "samples" / f"step_{step:06d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
     log_grid(run.accelerator, grid, step)
+
+
+def measure_quality(run: Run):
+    """Generate `eval_num_samples` images with the EMA weights and compare them with the training data (the
+    digits classifier's features for the embedded digits, Inception's otherwise); log the metrics as `eval/...`
+    and keep them for `eval_results.json` and the model card (main process only)."""
+    from ..evaluation.evaluate import compare, generate_images  # here: evaluation reads training's data
+
+    if run.quality_reference is None:
+        return
+    config, step = run.config, run.progress.global_step
+    logger.info(f"Step {step}: measuring sample quality on {config.eval_num_samples} images "
+                f"({config.ddpm_num_inference_steps} denoising steps)...")
+    with sampling_mode(run.unet, run.ema):
+        images = generate_images(sampling_pipeline(run), config.eval_num_samples,
+                                 num_inference_steps=config.ddpm_num_inference_steps, seed=config.seed)
+    result = compare(images, *run.quality_reference)
+    metrics = result.metrics()
+    run.accelerator.log({f"eval/{name}": value for name, value in metrics.items()}, step=step)
+    logger.info(f"Step {step}: " + ", ".join(f"{name} {value:.4g}" for name, value in metrics.items()))
+    run.evaluation = {**result.to_dict(), "scheduler": "ddpm", "steps": config.ddpm_num_inference_steps,
+                      "seed": config.seed}
 
 
 def log_grid(accelerator: Accelerator, grid: Image.Image, step: int):
@@ -498,6 +553,8 @@ def save(run: Run) -> DDPMPipeline:
         grid = sample_grid(pipeline, config.eval_batch_size, config.ddpm_num_inference_steps, config.seed, gif_path)
         grid.save(staging / FINAL_GRID)
         write_run_record(run, staging, finished=True)
+        if run.evaluation is not None:
+            (staging / EVAL_RESULTS_FILE).write_text(json.dumps(run.evaluation, indent=2) + "\n", encoding="utf-8")
         write_model_card(staging, run.repo_id)
         publish(staging, output_dir)
         log_grid(accelerator, grid, run.progress.global_step)
