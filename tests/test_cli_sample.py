@@ -2,6 +2,10 @@
 
 import argparse
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -90,3 +94,15 @@ def test_noise_writes_the_forward_process_strip(model_dir, tmp_path):
     assert strip[14:, :64].mean() > 240 and strip[14:, 128:].mean() < 200  # t = 0 still white, t = 99 noise
     with pytest.raises(ValueError, match="Cannot read the image"):
         run("noise", model_dir, tmp_path / "missing.png")
+
+
+def test_the_sampling_example_writes_the_pipelines_images_as_a_grid(model_dir, tmp_path):
+    example = Path(__file__).resolve().parents[1] / "examples" / "sample.py"
+    out = tmp_path / "grid.png"
+    subprocess.run([sys.executable, str(example), str(model_dir), "--num_images", "4", "--steps", "3", "--seed", "1",
+                    "--out", str(out)], check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    pipe = DDPMPipeline.from_pretrained(model_dir)
+    expected = pipe(batch_size=4, num_inference_steps=3, generator=torch.Generator().manual_seed(1)).images
+    grid = np.asarray(Image.open(out).convert("L"))  # diffusers' make_image_grid pastes into an RGB canvas
+    assert grid.shape == (128, 128)  # 2x2 images of 8 px, each enlarged to 64 px
+    np.testing.assert_array_equal(grid[::8, ::8][:8, :8], np.asarray(expected[0]))
