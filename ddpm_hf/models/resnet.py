@@ -52,7 +52,13 @@ class Upsample2D(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         """`temb` is ignored; it is accepted so that blocks call every resampler the same way."""
-        hidden_states = F.interpolate(hidden_states, scale_factor=2.0, mode="nearest")  # (B, C, 2H, 2W)
+        if hidden_states.device.type == "cpu" and hidden_states.is_contiguous():
+            # PyTorch's CPU nearest-neighbour kernel is far faster on NHWC than on NCHW (0.12 vs 3.4 ms for a
+            # 16x64x16x16 tensor on 2 cores): interpolate in NHWC, then come back to NCHW. Same values.
+            hidden_states = hidden_states.contiguous(memory_format=torch.channels_last)
+            hidden_states = F.interpolate(hidden_states, scale_factor=2.0, mode="nearest").contiguous()
+        else:
+            hidden_states = F.interpolate(hidden_states, scale_factor=2.0, mode="nearest")  # (B, C, 2H, 2W)
         return self.conv(hidden_states)
 
 
