@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm_hf.training.data import DataConfig, TrainData, load_train_data
-from ddpm_hf.training.digits import DIGITS_NAME, load_digits_images
+from ddpm_hf.data import DataConfig, TrainData, load_train_data
+from ddpm_hf.data import DIGITS_NAME, load_digits_images
 
 
 def write_image(path: Path, pixels: np.ndarray):
@@ -350,7 +350,7 @@ def test_all_images_corrupted_even_when_skipping(tmp_path):
 
 def test_skip_bad_images_trains_on_the_rest(grey_levels, caplog):
     (grey_levels / "broken.png").write_bytes(b"not a png")
-    with caplog.at_level(logging.WARNING, logger="ddpm_hf.training.data"):
+    with caplog.at_level(logging.WARNING, logger="ddpm_hf.data.loading"):
         data = load(grey_levels, resolution=4, skip_bad_images=True)
     assert data.num_examples == 7
     assert "1 of 8 images" in caplog.text and "broken.png" in caplog.text

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..training.digits import load_digits_images
+from ..data.digits import load_digits_images
 
 WEIGHTS_FILE = Path(__file__).with_name("digits_classifier.safetensors")
 RESOLUTION = 16  # the classifier's input side; other resolutions are resized to it

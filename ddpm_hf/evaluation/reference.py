@@ -27,8 +27,8 @@ import torch
 from huggingface_hub import constants
 from tqdm.auto import tqdm
 
-from ..training.data import DataConfig, find_image_column, load_source, subset_indices
-from ..training.preprocessing import BAD_IMAGE_ERRORS, image_channels, open_image, prepare_image
+from ..data.loading import DataConfig, find_image_column, load_source, subset_indices
+from ..data.preprocessing import BAD_IMAGE_ERRORS, image_channels, open_image, prepare_image
 from .digits_classifier import digits_split
 from .features import FeatureExtractor, compute_features
 from .metrics import FeatureStats

@@ -2,7 +2,7 @@
 
 from .checks import LaunchError
 from .config import TrainingConfig, build_parser, parse_args
-from .data import DataConfig, TrainData, load_train_data
+from ..data import DataConfig, TrainData, load_train_data
 from .loop import train
 from .monitoring import NonFiniteLossError
 from .presets import UNET_PRESETS, load_unet_config

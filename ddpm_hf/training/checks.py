@@ -9,7 +9,7 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from .config import TrainingConfig
-from .data import TrainData
+from ..data import TrainData
 from .presets import downsampling_factor
 
 

@@ -18,7 +18,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from ..schedulers.scheduling_ddpm import BetaSchedule, PredictionType
-from .data import DataConfig
+from ..data import DataConfig
 
 LRScheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
 MixedPrecision = Literal["no", "fp16", "bf16"]

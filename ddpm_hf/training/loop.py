@@ -23,7 +23,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -37,6 +36,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 from tqdm.auto import tqdm
 
+from ..evaluation import FeatureExtractor, ReferenceStats, generate_images, prepare_reference, reference_for_training
+from ..evaluation.evaluate import compare
 from ..hub import EVAL_RESULTS_FILE, HubPushError, create_hub_repo, push_to_hub, write_model_card
 from ..models import UNet2DModel
 from ..pipelines import DDPMPipeline
@@ -44,14 +45,11 @@ from ..schedulers import DDPMScheduler
 from .checkpointing import Progress, find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint, weights_sha256
 from .checks import check_launch, check_output_dir, check_resolution, count_train_steps, fit_to_data
 from .config import TrainingConfig
-from .data import TrainData, load_train_data
+from ..data import TrainData, load_train_data
 from .losses import diffusion_loss, min_snr_weights, training_target
 from .monitoring import LossMonitor, NonFiniteLossError, Throughput, stop_agreed, stop_signals
 from .outputs import DENOISING_GIF, FINAL_GRID, RAW_UNET_DIR, RUN_RECORD, publish, sample_grid
 from .presets import load_unet_config
-
-if TYPE_CHECKING:
-    from ..evaluation import FeatureExtractor, ReferenceStats
 
 logger = get_logger(__name__)
 
@@ -135,8 +133,6 @@ def train(config: TrainingConfig) -> DDPMPipeline | None:
 def prepare_quality_reference(config: TrainingConfig, data: TrainData,
                               device: torch.device) -> tuple[FeatureExtractor, ReferenceStats]:
     """The feature extractor and the training data's feature statistics that `--eval_every` compares with."""
-    from ..evaluation import prepare_reference, reference_for_training  # here: evaluation reads training's data
-
     try:
         return prepare_reference(data.num_channels, config.data.resolution, device=device,
                                  inception_weights=config.eval_inception_weights, **reference_for_training(config.data))
@@ -508,8 +504,6 @@ def measure_quality(run: Run):
     """Generate `eval_num_samples` images with the EMA weights and compare them with the training data (the
     digits classifier's features for the embedded digits, Inception's otherwise); log the metrics as `eval/...`
     and keep them for `eval_results.json` and the model card (main process only)."""
-    from ..evaluation.evaluate import compare, generate_images  # here: evaluation reads training's data
-
     if run.quality_reference is None:
         return
     config, step = run.config, run.progress.global_step

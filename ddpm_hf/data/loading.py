@@ -1,4 +1,4 @@
-"""Training data: a Hub dataset, a local image folder or the embedded digits, as `[-1, 1]` image tensors.
+"""Image data: a Hub dataset, a local image folder or the embedded digits, as `[-1, 1]` image tensors.
 
 [`load_train_data`] turns a [`DataConfig`] into a torch dataset whose items are float32 `(C, H, W)`
 tensors. Map-style data is decoded and validated once, at load time, into uint8 tensors; each epoch
