@@ -327,6 +327,7 @@ def test_eval_every_logs_sample_quality_and_puts_the_last_in_the_model_card(tmp_
     assert record["frechet_distance"] == pytest.approx(distances[-1].value, rel=1e-5)
     card = (output_dir / "README.md").read_text()
     assert f"{record['frechet_distance']:.4g}" in card and "Measured on 20 samples (ddpm, 5 steps)" in card
+    assert "\n# run\n" in card and "your-username/run" in card and ".tmp" not in card  # named after output_dir
     assert any(hf_constants.HF_HOME in str(path) for path in (tmp_path / "hf_home").rglob("*.npz"))
 
 

@@ -59,7 +59,7 @@ def render_model_card(
         folder (`str` or `os.PathLike`): A saved pipeline (`model_index.json`, `unet/`, `scheduler/`), usually
             a training run's `--output_dir`.
         repo_id (`str`, *optional*): The Hub repo the usage snippets load from; defaults to the run's
-            `hub_model_id`, else `"your-username/<folder name>"`.
+            `hub_model_id`, else `"your-username/<name of the run's output_dir, or of the folder>"`.
         eval_results (`dict`, *optional*): Metrics such as `{"fid": 3.17}`, or the record `ddpm-hf evaluate
             --output` writes; defaults to the folder's `eval_results.json`. They go into the card's `model-index`.
         base_model (`str`, *optional*): The Hub id of the model this one was fine-tuned from.
@@ -82,7 +82,9 @@ def render_model_card(
     metrics = _metrics(evaluation)
     unet_config = _read_json(folder / "unet" / "config.json")
     scheduler_config = _read_json(folder / "scheduler" / "scheduler_config.json")
-    repo_id = repo_id or training.get("hub_model_id") or f"your-username/{folder.resolve().name}"
+    # A training run writes its card in a staging folder before renaming it to output_dir: name it after the latter.
+    name = Path(training["output_dir"]).resolve().name if training.get("output_dir") else folder.resolve().name
+    repo_id = repo_id or training.get("hub_model_id") or f"your-username/{name}"
     model_title = repo_id.split("/")[-1]
     dataset = _dataset(training)
 
