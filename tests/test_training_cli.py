@@ -69,8 +69,10 @@ def test_two_processes_train_one_model_together(tmp_path):
     command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
                str(TRAIN), *QUICK, "--output_dir", str(output_dir), "--max_train_steps", "6",
-               "--checkpointing_steps", "6", "--save_images_steps", "3", "--logger", "tensorboard"]
-    result = subprocess.run(command, env={**ENV, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True,
+               "--checkpointing_steps", "6", "--save_images_steps", "3", "--logger", "tensorboard",
+               "--eval_every", "3", "--eval_num_samples", "8"]
+    env = {**ENV, "ACCELERATE_USE_CPU": "1", "HF_HOME": str(tmp_path / "hf_home")}  # the reference statistics' cache
+    result = subprocess.run(command, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "for 6 steps of 16 images (2 process(es) x 8" in result.stderr  # global batch = 2 x 8
@@ -89,6 +91,9 @@ def test_two_processes_train_one_model_together(tmp_path):
     # Only the main process wrote outputs: one log, one grid per sampling step, one pipeline.
     assert len(list((output_dir / "logs").rglob("events.out.tfevents*"))) == 2  # scalars+images, and hparams
     assert sorted(path.name for path in (output_dir / "samples").iterdir()) == ["step_000003.png"]
+    assert [event.step for event in events.Scalars("eval/frechet_distance")] == [3, 6]  # the main process alone
+    assert result.stderr.count("measuring sample quality on 8 images") == 2
+    assert json.loads((output_dir / "eval_results.json").read_text())["num_samples"] == 8
     assert result.stderr.count("Saved the pipeline") == 1
     raw = load_file(output_dir / "unet_raw" / "diffusion_pytorch_model.safetensors")
     saved = load_file(checkpoint / "model.safetensors")
