@@ -15,10 +15,28 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
 }
 
+
+def upsample_nearest_2x(hidden_states: torch.Tensor) -> torch.Tensor:
+    """`(B, C, H, W)` -> `(B, C, 2H, 2W)` by repeating each pixel, in the input's memory format."""
+    if hidden_states.device.type == "cpu" and hidden_states.is_contiguous():
+        # PyTorch's CPU nearest-neighbour kernel is far faster on NHWC than on NCHW (0.12 vs 3.4 ms for a
+        # 16x64x16x16 tensor on 2 cores): interpolate in NHWC, then come back to NCHW. Same values.
+        hidden_states = hidden_states.contiguous(memory_format=torch.channels_last)
+        return F.interpolate(hidden_states, scale_factor=2.0, mode="nearest").contiguous()
+    return F.interpolate(hidden_states, scale_factor=2.0, mode="nearest")
+
+
+class UpsampleNearest2x(nn.Module):
+    """[`upsample_nearest_2x`] as a module."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return upsample_nearest_2x(hidden_states)
+
+
 # Parameter-free 2x resampling inside a ResnetBlock2D (so it adds no weight names).
 _RESAMPLERS = {
     "down": lambda: nn.AvgPool2d(kernel_size=2),
-    "up": lambda: nn.Upsample(scale_factor=2.0, mode="nearest"),
+    "up": UpsampleNearest2x,
 }
 
 
@@ -52,14 +70,7 @@ class Upsample2D(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         """`temb` is ignored; it is accepted so that blocks call every resampler the same way."""
-        if hidden_states.device.type == "cpu" and hidden_states.is_contiguous():
-            # PyTorch's CPU nearest-neighbour kernel is far faster on NHWC than on NCHW (0.12 vs 3.4 ms for a
-            # 16x64x16x16 tensor on 2 cores): interpolate in NHWC, then come back to NCHW. Same values.
-            hidden_states = hidden_states.contiguous(memory_format=torch.channels_last)
-            hidden_states = F.interpolate(hidden_states, scale_factor=2.0, mode="nearest").contiguous()
-        else:
-            hidden_states = F.interpolate(hidden_states, scale_factor=2.0, mode="nearest")  # (B, C, 2H, 2W)
-        return self.conv(hidden_states)
+        return self.conv(upsample_nearest_2x(hidden_states))
 
 
 class ResnetBlock2D(nn.Module):
