@@ -1,10 +1,25 @@
-"""Small builders shared by the pipeline and checkpoint tests."""
+"""Small builders and reference configs shared by the tests."""
 
 import diffusers
 import numpy as np
 import torch
 
 from ddpm_hf import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+# google/ddpm-cifar10-32, the DDPM paper's CIFAR-10 network, in its config.json spelling.
+CIFAR10_CONFIG = dict(
+    sample_size=32,
+    block_out_channels=(128, 256, 256, 256),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    layers_per_block=2,
+    attention_head_dim=None,
+    downsample_padding=0,
+    flip_sin_to_cos=False,
+    freq_shift=1,
+    norm_eps=1e-6,
+)
+CIFAR10_NUM_PARAMETERS = 35_746_307
 
 
 def make_pipeline(config: dict, seed: int = 0, **scheduler_kwargs) -> DDPMPipeline:

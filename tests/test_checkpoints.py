@@ -13,21 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from ddpm_hf import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-from helpers import as_diffusers, make_pipeline, sample
-
-# The google/ddpm-cifar10-32 network (35.7M parameters), in its config.json spelling.
-CIFAR10_UNET_CONFIG = dict(
-    sample_size=32,
-    block_out_channels=(128, 256, 256, 256),
-    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    layers_per_block=2,
-    attention_head_dim=None,
-    downsample_padding=0,
-    flip_sin_to_cos=False,
-    freq_shift=1,
-    norm_eps=1e-6,
-)
+from helpers import CIFAR10_CONFIG, as_diffusers, make_pipeline, sample
 
 # Plain diffusers in a process that never imports ddpm_hf: proof that saved pipelines need nothing of ours.
 DIFFUSERS_ONLY_SCRIPT = """
@@ -101,7 +87,7 @@ def cifar10_flat_folder(tmp_path_factory) -> tuple[Path, diffusers.UNet2DModel]:
     """A folder laid out like google/ddpm-cifar10-32, with the legacy attention key names of its weights."""
     folder = tmp_path_factory.mktemp("ddpm-cifar10-32")
     torch.manual_seed(0)
-    reference = diffusers.UNet2DModel(**CIFAR10_UNET_CONFIG).eval()
+    reference = diffusers.UNet2DModel(**CIFAR10_CONFIG).eval()
     reference.save_config(folder)
     diffusers.DDPMScheduler(num_train_timesteps=1000).save_config(folder)
     legacy = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}

@@ -10,22 +10,10 @@ from safetensors.torch import load_file, save_file
 
 from ddpm_hf.models import UNet2DModel, convert_legacy_attention_keys
 
+from helpers import CIFAR10_CONFIG, CIFAR10_NUM_PARAMETERS
+
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
-# google/ddpm-cifar10-32, the DDPM paper's CIFAR-10 model.
-CIFAR10_CONFIG = dict(
-    sample_size=32,
-    block_out_channels=(128, 256, 256, 256),
-    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    layers_per_block=2,
-    attention_head_dim=None,
-    downsample_padding=0,
-    flip_sin_to_cos=False,
-    freq_shift=1,
-    norm_eps=1e-6,
-)
-CIFAR10_NUM_PARAMETERS = 35_746_307
 
 # diffusers' examples/unconditional_image_generation/train_unconditional.py (run at 32 px to stay quick).
 TRAIN_UNCONDITIONAL_CONFIG = dict(
