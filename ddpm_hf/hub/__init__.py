@@ -8,7 +8,14 @@
 ```
 """
 
-from .card import EVAL_RESULTS_FILE, is_generated_card, read_training_metadata, render_model_card, sample_images, write_model_card
+from .card import (
+    EVAL_RESULTS_FILE,
+    is_generated_card,
+    read_training_metadata,
+    render_model_card,
+    sample_images,
+    write_model_card,
+)
 from .push import HubPushError, check_can_push, check_saved_pipeline, create_hub_repo, files_to_upload, push_to_hub
 
 __all__ = [

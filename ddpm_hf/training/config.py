@@ -79,7 +79,7 @@ class TrainingConfig:
     eval_batch_size: int = 16  # images in each sample grid
     ddpm_num_inference_steps: int = 1000  # denoising steps when sampling grids (T: the paper's ancestral sampler)
     save_denoising_gif: bool = False  # also save the final grid's denoising process as an animated GIF
-    eval_every: int | None = None  # measure sample quality (Fréchet distance, KID, ...) every this many steps and at the end
+    eval_every: int | None = None  # measure sample quality (FD, KID, ...) every this many steps and at the end
     eval_num_samples: int = 360  # images generated per quality measurement (360: the size of the digits' test split)
     eval_inception_weights: str | None = None  # inception-2015-12-05.pt, to measure FID on data other than the digits
 
@@ -100,7 +100,8 @@ class TrainingConfig:
         if self.num_epochs is not None and self.num_epochs < 1:
             raise ValueError(f"--num_epochs must be a positive integer, got {self.num_epochs}.")
         if self.eval_every is not None and self.eval_every < 1:
-            raise ValueError(f"--eval_every must be a positive integer (or left out to never evaluate), got {self.eval_every}.")
+            raise ValueError(f"--eval_every must be a positive integer (or left out to never evaluate), "
+                             f"got {self.eval_every}.")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ValueError(f"--checkpoints_total_limit must be at least 1, got {self.checkpoints_total_limit}.")
         if self.ddpm_num_inference_steps > self.ddpm_num_steps:
