@@ -32,7 +32,7 @@ import diffusers
 import torch
 
 from common import (CONFIGS, BenchConfig, Clock, add_common_args, environment, interleave, peak_memory_mib, peak_tflops,
-                    pick_batch_size, report, setup, speedup, twin_unets, unet_flops)
+                    pick_batch_size, print_profile, report, setup, speedup, twin_unets, unet_flops)
 
 from ddpm_hf import DDPMPipeline, DDPMScheduler
 
@@ -119,7 +119,7 @@ def sampler(pipe, batch_size: int, steps: int, device: torch.device) -> Callable
 
 
 def run_mode(mode: str, contenders: Contenders, config: BenchConfig, batch_size: int, steps: int, rounds: int,
-             quick: bool, clock: Clock, flops_per_image: float, peak: float | None) -> dict[str, Any]:
+             quick: bool, clock: Clock, flops_per_image: float, peak: float | None, profile: bool) -> dict[str, Any]:
     ours_name, their_names = MODES[mode]
     if quick:
         their_names = their_names[:1]
@@ -131,6 +131,9 @@ def run_mode(mode: str, contenders: Contenders, config: BenchConfig, batch_size:
     reference = sampler(contenders.get("diffusers-fp32-eager"), batch_size, steps, device)()
     ours_images, their_images = samplers[ours_name](), samplers[their_names[0]]()
     fastest_theirs = min(their_names, key=lambda name: timings[name].median_s)
+    if profile:
+        for name in (ours_name, fastest_theirs):
+            print_profile(f"{config.name} {name}, one call of {steps} steps:", samplers[name], device)
     row = {
         "config": config.name,
         "mode": mode,
@@ -181,7 +184,7 @@ def main() -> int:
         flops_per_image = unet_flops(contenders.theirs_unet.to(device), example) / batch
         for mode in default_modes(args, device, index):
             rows.append(run_mode(mode, contenders, config, batch, steps, args.rounds, args.quick, clock,
-                                 flops_per_image, peak_tflops(args, device)))
+                                 flops_per_image, peak_tflops(args, device), args.profile))
             print(rows[-1], file=sys.stderr, flush=True)
 
     columns = {"config": "config", "mode": "mode", "batch_size": "batch", "steps": "steps",

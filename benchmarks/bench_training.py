@@ -40,7 +40,7 @@ from accelerate.state import AcceleratorState
 from diffusers.optimization import get_scheduler
 
 from common import (CONFIGS, BenchConfig, Clock, add_common_args, environment, interleave, peak_memory_mib, peak_tflops,
-                    pick_batch_size, report, setup, speedup, unet_flops)
+                    pick_batch_size, print_profile, report, setup, speedup, unet_flops)
 
 from ddpm_hf.training import DataConfig, TrainData, TrainingConfig
 from ddpm_hf.training.loop import Run, build, make_accelerator, optimizer_step
@@ -132,7 +132,8 @@ def prediction_difference(run: Run, images: torch.Tensor) -> float:
 
 
 def run_mode(mode: str, config: BenchConfig, images: torch.Tensor, steps: int, rounds: int, quick: bool,
-             clock: Clock, mixed_precision: str, flops_per_image: float, peak: float | None) -> dict[str, Any]:
+             clock: Clock, mixed_precision: str, flops_per_image: float, peak: float | None,
+             profile: bool) -> dict[str, Any]:
     device = images.device
     AcceleratorState._reset_state(reset_partial_state=True)  # each mode sets its own mixed precision
     torch._dynamo.reset()
@@ -150,6 +151,9 @@ def run_mode(mode: str, config: BenchConfig, images: torch.Tensor, steps: int, r
         timings = interleave(calls, rounds, clock)
         their_names = [name for name in contenders if name != "ddpm_hf"]
         fastest_theirs = min(their_names, key=lambda name: timings[name].median_s)
+        if profile:
+            for name in ("ddpm_hf", fastest_theirs):
+                print_profile(f"{config.name} {mode} {name}, {steps} training steps:", calls[name], device)
         images_per_call = images.shape[0] * steps
         row = {
             "config": config.name,
@@ -195,7 +199,7 @@ def main() -> int:
         modes = args.modes or (["fp32-eager"] if args.quick and not on_cuda and index > 0 else ["fp32-eager", "best"])
         for mode in modes:
             rows.append(run_mode(mode, config, images, steps, args.rounds, args.quick, clock, mixed_precision,
-                                 flops_per_image, peak))
+                                 flops_per_image, peak, args.profile))
             print(rows[-1], file=sys.stderr, flush=True)
 
     columns = {"config": "config", "mode": "mode", "autocast": "autocast", "batch_size": "batch", "steps": "steps/call",

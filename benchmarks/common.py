@@ -27,6 +27,7 @@ import os
 import platform
 import re
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -94,6 +95,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                              "--threads 1 on a shared machine).")
     parser.add_argument("--quick", action="store_true", help="A few CPU minutes: fewer steps, rounds and modes.")
     parser.add_argument("--json", metavar="PATH", help="Also append the JSON lines to this file.")
+    parser.add_argument("--profile", action="store_true",
+                        help="After timing each mode, profile one call of ddpm_hf and of the fastest diffusers "
+                             "contender, and print the ops that took the most time (to stderr).")
     parser.add_argument("--peak_tflops", type=float,
                         help="The device's dense low-precision peak, for model FLOPs utilisation (known: "
                              + ", ".join(PEAK_TFLOPS) + ").")
@@ -122,6 +126,22 @@ def setup(args: argparse.Namespace) -> "Clock":
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def print_profile(label: str, function: Callable[[], Any], device: torch.device, rows: int = 15) -> None:
+    """Profiles one call of `function` and prints the ops with the most self time (device time on CUDA), to stderr.
+
+    This is what a ratio alone cannot tell: whether two contenders spend their time in the same kernels. On the CPU,
+    for example, both sampling pipelines spend about half their time in PyTorch's flash attention with head_dim 8.
+    """
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        function()
+        synchronize(device)
+    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\n{label}\n{profiler.key_averages().table(sort_by=sort_by, row_limit=rows)}", file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)
