@@ -314,7 +314,8 @@ def train_loop(run: Run) -> str | None:
             stop = stop_agreed(run.accelerator, received, at_sync_point=step % config.logging_steps == 0)
             if step % config.checkpointing_steps == 0 or stop:
                 checkpoint(run, monitor)
-                if config.push_to_hub and config.hub_strategy == "checkpoint" and not stop and step < run.max_train_steps:
+                pushes_checkpoints = config.push_to_hub and config.hub_strategy == "checkpoint"
+                if pushes_checkpoints and not stop and step < run.max_train_steps:
                     save(run)  # the EMA pipeline, its card and a grid into output_dir (all processes take part)
                     push(run, f"Checkpoint at step {step} (ddpm_hf)", fatal=False)
                 throughput.restart(step)
