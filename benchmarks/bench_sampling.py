@@ -10,7 +10,8 @@ config, batch size, step count and device. Modes, each a group of pipelines time
     fp32-eager     both pipelines as they come.
     fp32-compiled  ddpm_hf: `enable_fast_sampling(dtype=None)` (channels_last, torch.compile with freezing, and on
                    CUDA a captured step). diffusers: channels_last and `torch.compile(unet, fullgraph=True)`, as
-                   its docs show. Same numbers as fp32-eager, so the images are compared too.
+                   its docs show (on CUDA with mode="reduce-overhead": CUDA graphs of the UNet). Same numbers as
+                   fp32-eager, so the images are compared too.
     best           ddpm_hf: `enable_fast_sampling()` (bf16 autocast on CPU, fp16 on CUDA). diffusers: its
                    documented fast mode, the UNet in that dtype (`torch_dtype`), channels_last, torch.compile; and,
                    unless --quick, its fp32-compiled pipeline too, the ratio being taken against whichever diffusers
@@ -54,8 +55,8 @@ def parse_args() -> argparse.Namespace:
 class Contenders:
     """The pipelines of one config, built on first use, each with its own copy of the same weights."""
 
-    def __init__(self, config: BenchConfig, device: torch.device, low_dtype: torch.dtype):
-        self.device, self.low_dtype = device, low_dtype
+    def __init__(self, config: BenchConfig, device: torch.device, low_dtype: torch.dtype, compile: bool = True):
+        self.device, self.low_dtype, self.compile = device, low_dtype, compile
         self.ours_unet, self.theirs_unet = twin_unets(config.unet)
         self.pipelines: dict[str, Any] = {}
         self.compile_s: dict[str, float] = {}  # from each pipeline's first warm-up call
@@ -72,7 +73,8 @@ class Contenders:
             pipe.enable_fast_sampling(**fast)
         return pipe
 
-    def theirs(self, dtype: torch.dtype = torch.float32, fast: bool = False) -> diffusers.DDPMPipeline:
+    def theirs(self, dtype: torch.dtype = torch.float32, fast: bool = False, compile_mode: str | None = None
+               ) -> diffusers.DDPMPipeline:
         unet = copy.deepcopy(self.theirs_unet).eval().to(self.device)
         if dtype != torch.float32:
             unet.to(dtype)
@@ -80,7 +82,10 @@ class Contenders:
         pipe.set_progress_bar_config(disable=True)
         if fast:  # diffusers' documented recipe (docs: "Accelerate inference", "torch.compile")
             pipe.unet.to(memory_format=torch.channels_last)
-            pipe.unet = torch.compile(pipe.unet, fullgraph=True, dynamic=False)
+            if self.compile:
+                # On GPUs the docs compile with mode="reduce-overhead", which adds CUDA graphs for the UNet.
+                compile_mode = compile_mode or ("reduce-overhead" if self.device.type == "cuda" else None)
+                pipe.unet = torch.compile(pipe.unet, mode=compile_mode, fullgraph=True, dynamic=False)
         return pipe
 
     def ddpm_hf_fp32_eager(self):
@@ -90,16 +95,19 @@ class Contenders:
         return self.theirs()
 
     def ddpm_hf_fp32_compiled(self):
-        return self.ours(dtype=None)
+        return self.ours(dtype=None, compile=self.compile)
 
     def diffusers_fp32_compiled(self):
         return self.theirs(fast=True)
 
     def ddpm_hf_best(self):
-        return self.ours(dtype=self.low_dtype)
+        return self.ours(dtype=self.low_dtype, compile=self.compile)
 
     def diffusers_best(self):
         return self.theirs(self.low_dtype, fast=True)
+
+    def diffusers_max_autotune(self):
+        return self.theirs(self.low_dtype, fast=True, compile_mode="max-autotune")
 
 
 MODES = {  # mode -> (ddpm_hf pipeline, diffusers pipelines)

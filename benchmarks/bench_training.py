@@ -60,7 +60,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def ddpm_hf_step(config: BenchConfig, images: torch.Tensor, mixed_precision: str, channels_last: bool,
-                 compile: bool, output_dir: str) -> tuple[Run, Callable[[], Any]]:
+                 compile: bool, output_dir: str, allow_tf32: bool = False) -> tuple[Run, Callable[[], Any]]:
     """The training loop's Run (model, scheduler, optimizer, LR schedule, Accelerator) and one optimizer step."""
     training = TrainingConfig(
         data=DataConfig(resolution=images.shape[-1]),
@@ -68,6 +68,7 @@ def ddpm_hf_step(config: BenchConfig, images: torch.Tensor, mixed_precision: str
         mixed_precision=mixed_precision,
         channels_last=channels_last,
         torch_compile=compile,
+        allow_tf32=allow_tf32,
         use_ema=False,
         logger="none",
         output_dir=output_dir,
@@ -79,8 +80,11 @@ def ddpm_hf_step(config: BenchConfig, images: torch.Tensor, mixed_precision: str
     return run, lambda: optimizer_step(run, batches)
 
 
-def diffusers_step(run: Run, images: torch.Tensor, channels_last: bool, compile: bool) -> Callable[[], Any]:
-    """train_unconditional.py's step on diffusers' UNet, holding the weights `run`'s UNet starts from."""
+def diffusers_step(run: Run, images: torch.Tensor, channels_last: bool, compile: bool,
+                   fused_adamw: bool | None = None) -> Callable[[], Any]:
+    """train_unconditional.py's step on diffusers' UNet, holding the weights `run`'s UNet starts from.
+
+    `fused_adamw` defaults to fusing on CUDA when compiling (the example itself never fuses)."""
     training, device = run.config, run.accelerator.device
     accelerator = Accelerator(mixed_precision=training.mixed_precision)  # shares the Accelerate state with `run`
     unet = diffusers.UNet2DModel.from_config(run.unet.config)
@@ -90,7 +94,7 @@ def diffusers_step(run: Run, images: torch.Tensor, channels_last: bool, compile:
     optimizer = torch.optim.AdamW(unet.parameters(), lr=training.learning_rate,
                                   betas=(training.adam_beta1, training.adam_beta2),
                                   weight_decay=training.adam_weight_decay, eps=training.adam_epsilon,
-                                  fused=compile and device.type == "cuda")
+                                  fused=(compile if fused_adamw is None else fused_adamw) and device.type == "cuda")
     lr_scheduler = get_scheduler(training.lr_scheduler, optimizer, num_warmup_steps=training.lr_warmup_steps,
                                  num_training_steps=run.max_train_steps)
     if channels_last:

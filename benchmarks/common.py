@@ -67,8 +67,11 @@ CONFIGS = {
         # 35.7M parameters: the CIFAR-10 network of Ho et al. 2020 (google/ddpm-cifar10-32).
         BenchConfig("cifar10-32px", _unet_config("ddpm-cifar10", 32), batch_size=16, sampling_steps=4,
                     quick_sampling_steps=2, quick_batch_size=4),
+        # 45k parameters at 8 px: the GPU suite's --smoke run, which only checks that everything runs.
+        BenchConfig("micro-8px", _unet_config("micro", 8), batch_size=4, sampling_steps=3, quick_sampling_steps=3),
     )
 }
+DEFAULT_CONFIGS = ["small-16px", "small-32px", "cifar10-32px"]  # what the benchmarks run unless told otherwise
 
 
 def twin_unets(config: dict[str, Any], seed: int = 0) -> tuple[UNet2DModel, diffusers.UNet2DModel]:
@@ -81,7 +84,7 @@ def twin_unets(config: dict[str, Any], seed: int = 0) -> tuple[UNet2DModel, diff
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=DEFAULT_CONFIGS,
                         help="Networks and sizes to run (default: all).")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda (default: cuda when available).")
@@ -179,14 +182,25 @@ class Timing:
 
 
 def interleave(contenders: dict[str, Callable[[], Any]], rounds: int, clock: Clock) -> dict[str, Timing]:
-    """Times each contender once per round, alternating the order every round, after one warm-up call each (timed
-    on the wall clock: the compiler works in subprocesses, whose CPU time the process clock does not see)."""
-    timings = {name: Timing(clock.time(function, wall=True)) for name, function in contenders.items()}
+    """Times each contender once per round, alternating the order every round, after one warm-up call each."""
+    timings = {name: warm_up(function, clock) for name, function in contenders.items()}
+    time_rounds(contenders, timings, rounds, clock)
+    return timings
+
+
+def warm_up(function: Callable[[], Any], clock: Clock) -> Timing:
+    """A contender's first call, timed on the wall clock (the compiler works in subprocesses, whose CPU time the
+    process clock does not see)."""
+    return Timing(clock.time(function, wall=True))
+
+
+def time_rounds(contenders: dict[str, Callable[[], Any]], timings: dict[str, Timing], rounds: int, clock: Clock
+                ) -> None:
+    """Adds `rounds` timed calls of each (warmed-up) contender to its `Timing`, alternating the order every round."""
     names = list(contenders)
     for round_index in range(rounds):
         for name in names if round_index % 2 == 0 else reversed(names):
             timings[name].calls_s.append(clock.time(contenders[name]))
-    return timings
 
 
 def speedup(timings: dict[str, Timing], ours: str, *theirs: str) -> float:

@@ -374,6 +374,7 @@ def test_step_traces_into_one_graph():
     torch._dynamo.reset()
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_sampling_loop_never_syncs_on_cuda():
     scheduler = DDPMScheduler(variance_type="learned_range")
