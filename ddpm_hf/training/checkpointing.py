@@ -36,12 +36,19 @@ class Progress:
     epoch: int = 0  # passes over the data started
     batches_in_epoch: int = 0  # micro-batches of this epoch consumed (on this process)
     training_seconds: float = 0.0  # wall time spent in the training loop, over all resumes
+    total_steps: int | None = None  # the run's length when --max_train_minutes decided it (a resumed run keeps it)
 
 
 def checkpoint_step(path: Path) -> int | None:
     """The step in a checkpoint folder's name, or None when the name is not `checkpoint-{step}`."""
     match = _CHECKPOINT_NAME.fullmatch(path.name)
     return int(match.group(1)) if match else None
+
+
+def checkpoint_progress(checkpoint: Path) -> Progress:
+    """Where the run stood when `checkpoint` was saved (as the main process recorded it), without loading it."""
+    state = json.loads((checkpoint / "train_state_0.json").read_text(encoding="utf-8"))
+    return Progress(**{f.name: state[f.name] for f in fields(Progress) if f.name in state})
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:

@@ -66,16 +66,20 @@ def check_output_dir(config: TrainingConfig):
 
 
 def fit_to_data(unet_config: dict, num_channels: int, config: TrainingConfig) -> dict:
-    """The UNet config with channels and sample size from the data; a config that fixes them must agree."""
-    for key in ("in_channels", "out_channels"):
+    """The UNet config with channels and sample size from the data; a config that fixes them must agree. A model with
+    learned variances predicts them in as many extra output channels."""
+    out_channels = 2 * num_channels if config.variance_type == "learned_range" else num_channels
+    for key, channels in (("in_channels", num_channels), ("out_channels", out_channels)):
         fixed = unet_config.get(key)
-        if fixed is not None and fixed != num_channels:
+        if fixed is not None and fixed != channels:
+            learned = " (twice the images' channels: --variance_type learned_range)" if key == "out_channels" and (
+                channels != num_channels) else ""
             raise ValueError(
                 f"--model_config {config.model_config} fixes {key}={fixed}, but the training images have "
-                f"{num_channels} channel(s). Pass --num_channels {fixed} to convert the images, or remove {key} "
-                "from the config to follow the data."
+                f"{num_channels} channel(s), so it must be {channels}{learned}. Pass --num_channels {fixed} to "
+                f"convert the images, or remove {key} from the config to follow the data."
             )
-    return {**unet_config, "in_channels": num_channels, "out_channels": num_channels,
+    return {**unet_config, "in_channels": num_channels, "out_channels": out_channels,
             "sample_size": config.data.resolution}
 
 

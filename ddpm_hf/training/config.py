@@ -10,6 +10,9 @@ from __future__ import annotations
 import argparse
 import inspect
 import io
+import logging
+import math
+import sys
 import tokenize
 import types
 import typing
@@ -17,8 +20,12 @@ from collections.abc import Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Literal
 
-from ..schedulers.scheduling_ddpm import BetaSchedule, PredictionType
+from ..schedulers.scheduling_ddpm import BetaSchedule, PredictionType, VarianceType
 from ..data import DataConfig
+from .presets import load_unet_config
+from .recipes import recipe_settings
+
+logger = logging.getLogger(__name__)
 
 LRScheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
@@ -41,12 +48,15 @@ class TrainingConfig:
     ddpm_beta_schedule: BetaSchedule = "linear"  # how beta_t grows; "linear" is the paper's 1e-4 -> 0.02
     prediction_type: PredictionType = "epsilon"  # the UNet's target: the noise (the paper), x_0, or v
     snr_gamma: float | None = None  # min-SNR-gamma loss weights (Hang et al. 2023 use 5.0); None: plain MSE
+    variance_type: VarianceType = "fixed_small"  # the sampler's sigma_t^2; learned_range trains it (hybrid loss)
+    vlb_weight: float = 0.001  # lambda of L_simple + lambda L_vlb with learned variances (Nichol & Dhariwal 2021)
 
     # Optimisation
     seed: int = 0  # seeds the weights, the data order and every training step's noise
     train_batch_size: int = 64  # images per process per micro-batch
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (global batch = this x batch x processes)
     max_train_steps: int = 1000  # optimizer steps to train for (ignored when --num_epochs is given)
+    max_train_minutes: float | None = None  # a wall-clock budget: the LR schedule spans the steps that fit in it
     num_epochs: int | None = None  # train for whole passes over the data instead of --max_train_steps
     learning_rate: float = 2e-3  # peak AdamW learning rate; small models on small images take large ones
     lr_scheduler: LRScheduler = "cosine"  # the learning-rate shape after warmup (diffusers.optimization)
@@ -60,6 +70,7 @@ class TrainingConfig:
     ema_max_decay: float = 0.999  # the EMA's final decay; 0.9999 suits runs of 100k+ steps
     ema_inv_gamma: float = 1.0  # EMA warmup: decay = 1 - (1 + step / inv_gamma) ** -power
     ema_power: float = 0.75  # EMA warmup power; 3/4 reaches decay 0.999 after 10k steps, 2/3 suits longer runs
+    ema_warmup: bool = True  # ramp the decay up (power above); off: --ema_max_decay from the first step (the paper)
     mixed_precision: MixedPrecision | None = None  # autocast dtype; None: as `accelerate config` says, else "no"
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% slower
     allow_tf32: bool = False  # TF32 matmuls on Ampere+ GPUs: faster, ~1e-3 relative error
@@ -90,6 +101,10 @@ class TrainingConfig:
     hub_strategy: HubStrategy = "end"  # push at the end only, or also the EMA pipeline at every checkpoint
     hub_token: str | None = field(default=None, repr=False)  # None: HF_TOKEN or `hf auth login`; never saved
 
+    # The command line
+    recipe: str | None = None  # a paper's whole configuration (ddpm-cifar10); flags given with it override it
+    dry_run: bool = False  # print the resolved configuration as JSON and exit, reading and writing nothing
+
     def __post_init__(self):
         positive = ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "ddpm_num_steps",
                     "checkpointing_steps", "logging_steps", "save_images_steps", "eval_batch_size",
@@ -107,9 +122,44 @@ class TrainingConfig:
         if self.ddpm_num_inference_steps > self.ddpm_num_steps:
             raise ValueError(f"--ddpm_num_inference_steps ({self.ddpm_num_inference_steps}) cannot exceed "
                              f"--ddpm_num_steps ({self.ddpm_num_steps}).")
+        if self.max_train_minutes is not None and not 0 < self.max_train_minutes < math.inf:
+            raise ValueError(f"--max_train_minutes must be a positive number of minutes, got {self.max_train_minutes}.")
+        if not 0 <= self.vlb_weight < math.inf:
+            raise ValueError(f"--vlb_weight must be a non-negative number, got {self.vlb_weight}.")
+        if self.variance_type == "learned":
+            raise ValueError("--variance_type learned (the variance itself as output) cannot be trained here; use "
+                             "learned_range (an interpolation between beta~_t and beta_t, trained with L_hybrid).")
+        if self.variance_type == "learned_range" and self.prediction_type != "epsilon":
+            raise ValueError(f"--variance_type learned_range trains with the hybrid loss of an epsilon-prediction "
+                             f"model; --prediction_type {self.prediction_type} is not supported with it.")
+        if self.recipe is not None:
+            recipe_settings(self.recipe)  # an unknown name lists the recipes
         if self.data.streaming and self.dataloader_num_workers > 0:
             raise ValueError("--streaming needs --dataloader_num_workers 0: the stream's position, which a resume "
                              "restores, lives in the dataset and DataLoader workers would each hold a copy.")
+
+    @classmethod
+    def from_recipe(cls, recipe: str, **overrides: Any) -> TrainingConfig:
+        """The configuration `recipe` sets (see `ddpm_hf.training.recipes`), with `overrides`, fields of this class
+        or of [`DataConfig`], on top: `TrainingConfig.from_recipe("ddpm-cifar10", dataset_name="uoft-cs/cifar10")`."""
+        settings = {**recipe_settings(recipe), **overrides}
+        data_fields = {f.name for f in fields(DataConfig)}
+        data = DataConfig(**{name: settings.pop(name) for name in list(settings) if name in data_fields})
+        return cls(data=data, recipe=recipe, **settings)
+
+    def resolved(self) -> dict[str, Any]:
+        """What `--dry_run` prints: every setting, the UNet config that `model_config` names (channels and size
+        follow the data) and the noise scheduler's, with the settings that override the recipe."""
+        values = self.to_dict()
+        recipe = recipe_settings(self.recipe) if self.recipe else {}
+        return {
+            **values,
+            "recipe_overrides": {name: {"recipe": value, "given": values[name]} for name, value in recipe.items()
+                                 if values[name] != value},
+            "unet": load_unet_config(self.model_config),
+            "scheduler": {"num_train_timesteps": self.ddpm_num_steps, "beta_schedule": self.ddpm_beta_schedule,
+                          "prediction_type": self.prediction_type, "variance_type": self.variance_type},
+        }
 
     def to_dict(self) -> dict[str, Any]:
         """All fields but secrets, with the data fields flattened in: what gets saved beside the model and logged."""
@@ -135,8 +185,27 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None, description: str | None = None) -> TrainingConfig:
-    """Parse CLI flags (`sys.argv` when `argv` is None) into a `TrainingConfig`."""
-    namespace = vars(build_parser(description).parse_args(argv))
+    """Parse CLI flags (`sys.argv` when `argv` is None) into a `TrainingConfig`.
+
+    With `--recipe NAME` the recipe's settings are the defaults, so that any flag given overrides them; each
+    override is reported (a warning naming the flag, its value and the recipe's).
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    recipe_parser = argparse.ArgumentParser(add_help=False)
+    recipe_parser.add_argument("--recipe")
+    recipe = recipe_parser.parse_known_args(argv)[0].recipe
+    parser = build_parser(description)
+    settings = {}
+    if recipe is not None:
+        try:
+            settings = recipe_settings(recipe)
+        except ValueError as error:
+            parser.error(str(error))
+        parser.set_defaults(**settings)
+    namespace = vars(parser.parse_args(argv))
+    for name, value in settings.items():
+        if namespace[name] != value:
+            logger.warning(f"--{name} {namespace[name]} overrides the {recipe} recipe's {value}.")
     data = DataConfig(**{f.name: namespace.pop(f.name) for f in fields(DataConfig)})
     return TrainingConfig(data=data, **namespace)
 

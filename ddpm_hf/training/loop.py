@@ -42,11 +42,13 @@ from ..hub import EVAL_RESULTS_FILE, HubPushError, create_hub_repo, push_to_hub,
 from ..models import UNet2DModel
 from ..pipelines import DDPMPipeline
 from ..schedulers import DDPMScheduler
-from .checkpointing import Progress, find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint, weights_sha256
+from .budget import fit_to_budget, past_deadline
+from .checkpointing import (Progress, checkpoint_progress, find_checkpoint, list_checkpoints, load_checkpoint,
+                            save_checkpoint, weights_sha256)
 from .checks import check_launch, check_output_dir, check_resolution, count_train_steps, fit_to_data
 from .config import TrainingConfig
 from ..data import TrainData, load_train_data
-from .losses import diffusion_loss, min_snr_weights, training_target
+from .losses import training_loss
 from .monitoring import LossMonitor, NonFiniteLossError, Throughput, stop_agreed, stop_signals
 from .outputs import DENOISING_GIF, FINAL_GRID, RAW_UNET_DIR, RUN_RECORD, publish, sample_grid
 from .presets import load_unet_config
@@ -72,6 +74,7 @@ class Run:
     repo_id: str | None = None  # the Hub repo to push to (main process, --push_to_hub), created before training
     quality_reference: tuple[FeatureExtractor, ReferenceStats] | None = None  # main process, with --eval_every
     evaluation: dict | None = None  # the latest sample-quality record, saved as eval_results.json for the card
+    deadline: float | None = None  # with --max_train_minutes: the `time.perf_counter()` at which training stops
 
     @property
     def unet(self) -> UNet2DModel:
@@ -93,6 +96,10 @@ def train(config: TrainingConfig) -> DDPMPipeline | None:
     Returns:
         The [`DDPMPipeline`] with the EMA weights (on every process), or None if stopped by a signal.
     """
+    started = time.perf_counter()  # --max_train_minutes counts from here
+    if config.dry_run:
+        print(json.dumps(config.resolved(), indent=2))
+        return None
     accelerator = make_accelerator(config)
     try:
         unet_config = load_unet_config(config.model_config)
@@ -111,6 +118,9 @@ def train(config: TrainingConfig) -> DDPMPipeline | None:
         )
         unet_config = fit_to_data(unet_config, data.num_channels, config)
         max_train_steps = count_train_steps(config, data, accelerator.num_processes)
+        if checkpoint is not None and config.max_train_minutes is not None:
+            # The length the time budget gave the run when it started: the LR schedule spans it again.
+            max_train_steps = checkpoint_progress(checkpoint).total_steps or max_train_steps
         quality_reference = None
         if config.eval_every is not None and accelerator.is_main_process:  # a missing Inception file fails here
             quality_reference = prepare_quality_reference(config, data, accelerator.device)
@@ -120,6 +130,8 @@ def train(config: TrainingConfig) -> DDPMPipeline | None:
         run.repo_id, run.quality_reference = repo_id, quality_reference
         if checkpoint is not None:
             resume(run, checkpoint)
+        if config.max_train_minutes is not None:
+            fit_to_budget(run, started)
         start_logging(run)
         if train_loop(run) is not None:
             return None
@@ -178,6 +190,7 @@ def build(config: TrainingConfig, accelerator: Accelerator, data: TrainData, une
         num_train_timesteps=config.ddpm_num_steps,
         beta_schedule=config.ddpm_beta_schedule,
         prediction_type=config.prediction_type,
+        variance_type=config.variance_type,  # saved with the pipeline: how it samples
     )
     optimizer = torch.optim.AdamW(
         unet.parameters(),
@@ -194,8 +207,11 @@ def build(config: TrainingConfig, accelerator: Accelerator, data: TrainData, une
 
     ema = None
     if config.use_ema:
-        ema = EMAModel(unet.parameters(), decay=config.ema_max_decay, use_ema_warmup=True,
-                       inv_gamma=config.ema_inv_gamma, power=config.ema_power, foreach=True)
+        # Without warm-up, diffusers' EMAModel still ramps the decay as (1 + step) / (10 + step); a floor at the
+        # decay itself gives the fixed decay of the DDPM paper's code (the first update copies the weights).
+        ema = EMAModel(unet.parameters(), decay=config.ema_max_decay, use_ema_warmup=config.ema_warmup,
+                       inv_gamma=config.ema_inv_gamma, power=config.ema_power, foreach=True,
+                       min_decay=0.0 if config.ema_warmup else config.ema_max_decay)
         accelerator.register_for_checkpointing(ema)
     if config.torch_compile:
         model = compile_or_eager(model, unet_config, config)
@@ -273,6 +289,7 @@ def start_logging(run: Run):
 def write_run_record(run: Run, folder: Path, finished: bool = False):
     """`training_config.json`: the config (never the token) and, once finished, facts for the model card."""
     record = run.config.to_dict()
+    record["total_steps"] = run.max_train_steps  # the run's length (decided by calibration with --max_train_minutes)
     if finished:
         accelerator = run.accelerator
         on_gpu = accelerator.device.type == "cuda"
@@ -308,11 +325,17 @@ def train_loop(run: Run) -> str | None:
             step = progress.global_step
             monitor.update(loss, step)
             bar.update()
+            at_deadline = step < run.max_train_steps and past_deadline(run, step % config.logging_steps == 0)
+            if at_deadline:  # the run ends here: the end-of-run logging, checkpoint and evaluation follow
+                logger.warning(f"--max_train_minutes {config.max_train_minutes:g}: the deadline came at step {step} "
+                               f"of {run.max_train_steps}; saving a checkpoint and the pipeline.")
+                run.max_train_steps = progress.total_steps = step
+                bar.total = step
 
             if step % config.logging_steps == 0 or step == run.max_train_steps:
                 log_metrics(run, monitor, grad_norm, throughput, bar)
             stop = stop_agreed(run.accelerator, received, at_sync_point=step % config.logging_steps == 0)
-            if step % config.checkpointing_steps == 0 or stop:
+            if step % config.checkpointing_steps == 0 or stop or at_deadline:
                 checkpoint(run, monitor)
                 pushes_checkpoints = config.push_to_hub and config.hub_strategy == "checkpoint"
                 if pushes_checkpoints and not stop and step < run.max_train_steps:
@@ -377,10 +400,9 @@ def train_step(
                               generator=generator, device=clean_images.device)  # (B,)
     noisy_images = scheduler.add_noise(clean_images, noise, timesteps)  # Ho et al. 2020, eq. 4
 
-    prediction = run.model(noisy_images, timesteps).sample
-    target = training_target(scheduler, clean_images, noise, timesteps)
-    weights = min_snr_weights(scheduler, timesteps, config.snr_gamma) if config.snr_gamma else None
-    loss = diffusion_loss(prediction, target, weights)
+    model_output = run.model(noisy_images, timesteps).sample
+    loss = training_loss(scheduler, model_output, clean_images, noise, noisy_images, timesteps, config.snr_gamma,
+                         config.vlb_weight)
     accelerator.backward(loss)
 
     grad_norm = None
