@@ -77,6 +77,88 @@ TINY_CONFIGS = {
 }
 
 
+# The NCSN++ (score SDE) family, at small widths: the image path, FIR resampling, NCSN++ normalization.
+NCSNPP_CONFIGS = {
+    # diffusers' own NCSN++ test network (tests/models/unets/test_models_unet_2d.py), at 16 px.
+    "diffusers test network": dict(
+        sample_size=16,
+        block_out_channels=(32, 64, 64, 64),
+        layers_per_block=1,
+        time_embedding_type="fourier",
+        norm_eps=1e-6,
+        mid_block_scale_factor=2**0.5,
+        norm_num_groups=None,
+        down_block_types=("SkipDownBlock2D", "AttnSkipDownBlock2D", "SkipDownBlock2D", "SkipDownBlock2D"),
+        up_block_types=("SkipUpBlock2D", "SkipUpBlock2D", "AttnSkipUpBlock2D", "SkipUpBlock2D"),
+    ),
+    # google/ncsnpp-celebahq-256's layout (7 stages, attention at 16 px of 256), 8x narrower, one layer per block.
+    "ncsnpp-celebahq-256, narrow": dict(
+        sample_size=64,
+        block_out_channels=(32, 32, 32, 32, 32, 32, 32),
+        layers_per_block=1,
+        attention_head_dim=None,
+        time_embedding_type="fourier",
+        flip_sin_to_cos=True,
+        freq_shift=0,
+        norm_eps=1e-6,
+        mid_block_scale_factor=1.41421356237,
+        norm_num_groups=None,
+        down_block_types=("SkipDownBlock2D",) * 4 + ("AttnSkipDownBlock2D",) + ("SkipDownBlock2D",) * 2,
+        up_block_types=("SkipUpBlock2D",) * 2 + ("AttnSkipUpBlock2D",) + ("SkipUpBlock2D",) * 4,
+    ),
+    # diffusers' consistency-distillation example: NCSN++ blocks with sinusoidal time and 32-group norms elsewhere.
+    "consistency-models example": dict(
+        sample_size=16,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=2,
+        attention_head_dim=8,
+        center_input_sample=True,
+        mid_block_scale_factor=2**0.5,
+        down_block_types=("SkipDownBlock2D", "AttnSkipDownBlock2D", "SkipDownBlock2D"),
+        up_block_types=("SkipUpBlock2D", "AttnSkipUpBlock2D", "SkipUpBlock2D"),
+    ),
+    "scale_shift, dropout": dict(
+        sample_size=8,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        norm_num_groups=None,
+        resnet_time_scale_shift="scale_shift",
+        dropout=0.3,
+        down_block_types=("AttnSkipDownBlock2D", "SkipDownBlock2D"),
+        up_block_types=("SkipUpBlock2D", "AttnSkipUpBlock2D"),
+    ),
+    "image path in and out only": tiny(
+        block_out_channels=(32, 32, 32),
+        down_block_types=("SkipDownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "SkipUpBlock2D"),
+    ),
+}
+
+# diffusers' DDPMPipeline test network (tests/pipelines/ddpm/test_ddpm.py): attention only at 8 channels, with
+# the default attention_head_dim=8, which would not fit the 4-channel level (that does not attend).
+DDPM_PIPELINE_TEST_CONFIG = dict(
+    sample_size=8,
+    block_out_channels=(4, 8),
+    layers_per_block=1,
+    norm_num_groups=4,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+)
+
+# Every config the parity tests below build, by name.
+PARITY_CONFIGS = {
+    **TINY_CONFIGS,
+    **{f"NCSN++: {name}": config for name, config in NCSNPP_CONFIGS.items()},
+    "DDPMPipeline test network": DDPM_PIPELINE_TEST_CONFIG,
+    "UNetRes block names": tiny(
+        down_block_types=("UNetResDownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UNetResUpBlock2D")
+    ),
+    "attention_head_dim only where attended": tiny(
+        block_out_channels=(8, 32), norm_num_groups=8, attention_head_dim=16, downsample_type="fir"
+    ),
+}
+
+
 def make_inputs(config: dict, batch_size: int = 2, seed: int = 0) -> dict:
     """Random forward() arguments for a model with `config`: sample, per-sample timesteps, class labels."""
     generator = torch.Generator().manual_seed(seed)
@@ -154,18 +236,18 @@ def test_train_unconditional_architecture():
     assert max_abs_difference(ours, theirs, make_inputs(TRAIN_UNCONDITIONAL_CONFIG, batch_size=1)) < 1e-5
 
 
-@pytest.mark.parametrize("name", TINY_CONFIGS)
+@pytest.mark.parametrize("name", PARITY_CONFIGS)
 def test_state_dicts_load_both_ways(name):
-    config = TINY_CONFIGS[name]
+    config = PARITY_CONFIGS[name]
     ours, theirs = UNet2DModel(**config), diffusers.UNet2DModel(**config)
     assert parameter_shapes(ours) == parameter_shapes(theirs)
     theirs.load_state_dict(ours.state_dict(), strict=True)
     ours.load_state_dict(theirs.state_dict(), strict=True)
 
 
-@pytest.mark.parametrize("name", TINY_CONFIGS)
+@pytest.mark.parametrize("name", PARITY_CONFIGS)
 def test_output_matches_diffusers(name):
-    config = TINY_CONFIGS[name]
+    config = PARITY_CONFIGS[name]
     torch.manual_seed(0)
     theirs = diffusers.UNet2DModel(**config).eval()
     ours = same_weights_as(theirs, config)
@@ -379,46 +461,92 @@ def test_from_pretrained_reports_mismatched_shapes_when_diffusers_would_reinitia
 
 # --- Config validation ---
 
+SKIP_DOWN = ("SkipDownBlock2D", "AttnSkipDownBlock2D")
+SKIP_UP = ("AttnSkipUpBlock2D", "SkipUpBlock2D")
+NCSNPP = dict(block_out_channels=(32, 32), norm_num_groups=None, down_block_types=SKIP_DOWN, up_block_types=SKIP_UP)
 
-@pytest.mark.parametrize(
-    ("overrides", "expected_message"),
-    [
-        (
-            dict(down_block_types=("CrossAttnDownBlock2D", "DownBlock2D")),
-            "down_block_types entry='CrossAttnDownBlock2D'; "
-            "supported values: 'DownBlock2D', 'AttnDownBlock2D', 'ResnetDownsampleBlock2D'",
-        ),
-        (
-            dict(up_block_types=("UpBlock2D", "SkipUpBlock2D")),
-            "up_block_types entry='SkipUpBlock2D'; "
-            "supported values: 'UpBlock2D', 'AttnUpBlock2D', 'ResnetUpsampleBlock2D'",
-        ),
-        (
-            dict(time_embedding_type="sinusoidal"),
-            "time_embedding_type='sinusoidal'; supported values: 'positional', 'fourier', 'learned'",
-        ),
-        (
-            dict(resnet_time_scale_shift="spatial"),
-            "resnet_time_scale_shift='spatial'; supported values: 'default', 'scale_shift'",
-        ),
-        (
-            dict(class_embed_type="projection"),
-            "class_embed_type='projection'; supported values: None, 'timestep', 'identity'",
-        ),
-        (dict(mid_block_type="UNetMidBlock2DCrossAttn"), "supported values: 'UNetMidBlock2D', None"),
-        (dict(downsample_type="fir"), "downsample_type='fir'; supported values: 'conv', 'resnet'"),
-        (dict(upsample_type="fir"), "upsample_type='fir'; supported values: 'conv', 'resnet'"),
-        (dict(act_fn="tanh"), "act_fn='tanh'; supported values: 'silu', 'swish', 'mish', 'gelu', 'relu'"),
-        (dict(block_out_channels=(16, 32, 64)), "must have the same length"),
-        (dict(norm_num_groups=12), "norm_num_groups=12 must divide"),
-        (dict(norm_num_groups=None), "norm_num_groups=None must divide"),
-        (dict(attn_norm_num_groups=5), "attn_norm_num_groups=5 must divide"),
-        (dict(attention_head_dim=64), "attention_head_dim=64 must not exceed"),
-        (dict(layers_per_block=0), "layers_per_block must be at least 1"),
-        (dict(time_embedding_type="learned"), "needs num_train_timesteps"),
-    ],
-)
+# (overrides of tiny(), the message expected). diffusers fails on each of these too, when building or in forward.
+INVALID_CONFIGS = [
+    (
+        dict(down_block_types=("CrossAttnDownBlock2D", "DownBlock2D")),
+        "down_block_types entry='CrossAttnDownBlock2D'; supported values: 'DownBlock2D', 'AttnDownBlock2D', "
+        "'ResnetDownsampleBlock2D', 'SkipDownBlock2D', 'AttnSkipDownBlock2D'",
+    ),
+    (
+        dict(up_block_types=("UpDecoderBlock2D", "UpBlock2D")),
+        "up_block_types entry='UpDecoderBlock2D'; supported values: 'UpBlock2D', 'AttnUpBlock2D', "
+        "'ResnetUpsampleBlock2D', 'SkipUpBlock2D', 'AttnSkipUpBlock2D'",
+    ),
+    (
+        dict(time_embedding_type="sinusoidal"),
+        "time_embedding_type='sinusoidal'; supported values: 'positional', 'fourier', 'learned'",
+    ),
+    (
+        dict(resnet_time_scale_shift="spatial"),
+        "resnet_time_scale_shift='spatial'; supported values: 'default', 'scale_shift'",
+    ),
+    (
+        dict(down_block_types=("AttnDownBlock2D", "DownBlock2D"), downsample_type="fir"),
+        "downsample_type='fir'; supported values: 'conv', 'resnet'",
+    ),
+    (dict(upsample_type="fir"), "upsample_type='fir'; supported values: 'conv', 'resnet'"),
+    (dict(act_fn="tanh"), "act_fn='tanh'; supported values: 'silu', 'swish', 'mish', 'gelu', 'relu'"),
+    (dict(block_out_channels=(16, 32, 64)), "must have the same length"),
+    (dict(norm_num_groups=12), "norm_num_groups=12 must divide the channels of every layer it normalizes, [16, 32]"),
+    (dict(norm_num_groups=None), "norm_num_groups=None must divide the channels of every layer it normalizes: only"),
+    (
+        dict(NCSNPP, down_block_types=("SkipDownBlock2D", "DownBlock2D")),
+        "norm_num_groups=None must divide the channels of every layer it normalizes",
+    ),
+    (dict(attn_norm_num_groups=5), "attn_norm_num_groups=5 must divide block_out_channels[-1]=32"),
+    (dict(attention_head_dim=64), "attention_head_dim=64 must not exceed the channels of any level that attends, [32]"),
+    (dict(time_embedding_type="learned"), "needs num_train_timesteps"),
+    (dict(NCSNPP, in_channels=1), "The Skip* (NCSN++) down blocks need in_channels=3"),
+    (dict(NCSNPP, out_channels=1), "The Skip* (NCSN++) up blocks need out_channels=3"),
+    (
+        dict(NCSNPP, block_out_channels=(32, 32, 32), down_block_types=("DownBlock2D", *SKIP_DOWN), norm_num_groups=8,
+             up_block_types=("UpBlock2D", *SKIP_UP)),
+        "The Skip* (NCSN++) down blocks must come first in down_block_types",
+    ),
+    (dict(NCSNPP, norm_num_groups=8, up_block_types=SKIP_UP[:1] + ("UpBlock2D",)), "must come last in up_block_types"),
+    # NCSN++ blocks pick min(channels // 4, 32) groups, and 32 before attending: 16 channels cannot attend.
+    (dict(NCSNPP, block_out_channels=(16, 16)), "Cannot build down_block_types[1]='AttnSkipDownBlock2D' with 16"),
+]
+
+# Configs diffusers builds and runs but that are nonsense; rejected here (listed in the README's "Differences from
+# diffusers").
+REJECTED_THOUGH_DIFFUSERS_RUNS_THEM = [
+    (dict(mid_block_type="UNetMidBlock2DCrossAttn"), "supported values: 'UNetMidBlock2D', None"),
+    (dict(class_embed_type="projection"), "class_embed_type='projection'; supported values: None, 'timestep', "),
+    (dict(layers_per_block=0, block_out_channels=(16, 16)), "layers_per_block must be at least 1"),
+    (
+        dict(block_out_channels=(32, 32), up_block_types=("AttnUpBlock2D", "KUpBlock2D")),
+        "up_block_types entry='KUpBlock2D'; supported values",
+    ),
+]
+
+
+def diffusers_runs(config: dict) -> bool:
+    """Whether diffusers' UNet2DModel builds `config` and runs a forward pass."""
+    try:
+        with torch.no_grad():
+            diffusers.UNet2DModel(**config)(**make_inputs(config))
+    except Exception:  # noqa: BLE001 - any failure counts: a TypeError, a shape mismatch deep in torch, ...
+        return False
+    return True
+
+
+@pytest.mark.parametrize(("overrides", "expected_message"), INVALID_CONFIGS + REJECTED_THOUGH_DIFFUSERS_RUNS_THEM)
 def test_invalid_config_raises(overrides, expected_message):
     with pytest.raises(ValueError) as error:
         UNet2DModel(**tiny(**overrides))
     assert expected_message in str(error.value)
+
+
+@pytest.mark.parametrize(("overrides", "rejected_by_diffusers"), [
+    *[(overrides, True) for overrides, _ in INVALID_CONFIGS],
+    *[(overrides, False) for overrides, _ in REJECTED_THOUGH_DIFFUSERS_RUNS_THEM],
+])
+def test_rejected_configs_are_those_diffusers_cannot_run(overrides, rejected_by_diffusers):
+    """A config is rejected here only where diffusers fails too, or where the README says why."""
+    assert diffusers_runs(tiny(**overrides)) is not rejected_by_diffusers
