@@ -430,6 +430,16 @@ def test_diffusers_instance_attributes():
         assert ours.custom_timesteps is theirs.custom_timesteps is custom
 
 
+@pytest.mark.parametrize("timestep", [999.0, torch.tensor(999.0), torch.tensor([999.0, 500.0])])
+def test_float_timesteps_are_a_clear_error(timestep):
+    """diffusers raises an IndexError from deep inside `step` for these."""
+    sample = randn(0)
+    with pytest.raises(ValueError, match="Timesteps index the training schedule and are integers, got"):
+        DDPMScheduler().step(sample, timestep, sample)
+    with pytest.raises(IndexError):
+        reference().step(sample, timestep, sample)
+
+
 def test_previous_timestep_matches_diffusers():
     ours, theirs = DDPMScheduler(), reference()
     assert ours.previous_timestep(500) == theirs.previous_timestep(500) == 499

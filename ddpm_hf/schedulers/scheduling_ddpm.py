@@ -432,8 +432,11 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         return (flat.clamp(-s, s) / s).reshape(sample.shape).to(dtype)
 
     def _check_scheduled(self, timestep: Timestep) -> None:
-        """Rejects a Python-int timestep outside the schedule. (Tensors are not checked, to stay on the device;
-        off-schedule tensor timesteps give NaN.)"""
+        """Rejects a non-integer timestep, and a Python-int one outside the schedule. (Tensor values are not checked,
+        to stay on the device; off-schedule tensor timesteps give NaN.)"""
+        if isinstance(timestep, float) or torch.is_tensor(timestep) and timestep.is_floating_point():
+            raise ValueError(f"Timesteps index the training schedule and are integers, got {timestep!r}; step "
+                             "through `scheduler.timesteps`.")
         if not torch.is_tensor(timestep) and timestep not in self._scheduled:
             raise ValueError(f"Timestep {timestep} is not in the schedule ({len(self.timesteps)} timesteps from "
                              f"{int(self.timesteps[0])} to {int(self.timesteps[-1])}); step through "
