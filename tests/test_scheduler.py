@@ -417,7 +417,8 @@ def test_get_variance_matches_diffusers(variance_type, set_timesteps):
         expected = theirs._get_variance(t, predicted_variance)
         assert_close(ours._get_variance(t, predicted_variance), expected)
         assert_close(ours._get_variance(torch.tensor(t), predicted_variance), expected)
-        assert_close(ours._get_variance(t, variance_type="fixed_large"), theirs._get_variance(t, variance_type="fixed_large"))
+        large = theirs._get_variance(t, variance_type="fixed_large")
+        assert_close(ours._get_variance(t, variance_type="fixed_large"), large)
 
 
 def test_diffusers_instance_attributes():
