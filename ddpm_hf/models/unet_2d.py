@@ -1,7 +1,7 @@
 """The DDPM noise-prediction network: a UNet with timestep conditioning, drop-in for `diffusers.UNet2DModel`."""
 
 import os
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -9,13 +9,15 @@ from typing import Any, Literal
 import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, logging
 from torch import nn
 
 from .attention import convert_legacy_attention_keys
 from .embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps
 from .resnet import ACTIVATIONS
 from .unet_2d_blocks import DOWN_BLOCKS, IMAGE_CHANNELS, UP_BLOCKS, BlockOptions, UNetMidBlock2D, block_class
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -313,6 +315,21 @@ class UNet2DModel(ModelMixin, ConfigMixin):
         if self.class_embedding is None and class_labels is not None:
             raise ValueError("`class_labels` were given, but this model has no class embedding.")
 
+    def set_use_memory_efficient_attention_xformers(self, valid: bool, attention_op: Callable | None = None) -> None:
+        """Called by `enable_xformers_memory_efficient_attention()`: attention here always runs
+        `F.scaled_dot_product_attention`, whose memory-efficient kernel is xFormers' algorithm; nothing switches."""
+        _keep_sdpa("xFormers", valid)
+
+    def set_use_npu_flash_attention(self, valid: bool) -> None:
+        """Called by `enable_npu_flash_attention()`; as [`set_use_memory_efficient_attention_xformers`]."""
+        _keep_sdpa("NPU flash attention", valid)
+
+    def set_use_xla_flash_attention(
+        self, use_xla_flash_attention: bool, partition_spec: Callable | None = None, **kwargs: Any
+    ) -> None:
+        """Called by `enable_xla_flash_attention()`; as [`set_use_memory_efficient_attention_xformers`]."""
+        _keep_sdpa("XLA flash attention", use_xla_flash_attention)
+
     def _fix_state_dict_keys_on_load(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Called by `ModelMixin.from_pretrained` on the loaded weights before they are matched to the model."""
         return convert_legacy_attention_keys(state_dict)
@@ -354,6 +371,12 @@ class UNet2DModel(ModelMixin, ConfigMixin):
                 f"The weights at {location!r} do not match {cls.__name__}(**config):\n  " + "\n  ".join(problems)
             )
         return (model, loading_info) if output_loading_info else model
+
+
+def _keep_sdpa(kernel: str, enable: bool) -> None:
+    if enable:
+        logger.warning(f"ddpm_hf's UNet2DModel always attends with torch's scaled_dot_product_attention (which picks "
+                       f"a flash or memory-efficient kernel itself); {kernel} is not used.")
 
 
 def _convert_legacy_keys_hook(state_dict: dict[str, torch.Tensor], prefix: str, *args: Any) -> None:
