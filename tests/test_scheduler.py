@@ -424,6 +424,8 @@ def test_get_variance_matches_diffusers(variance_type, set_timesteps):
 def test_diffusers_instance_attributes():
     ours, theirs = DDPMScheduler(variance_type="fixed_large"), reference(variance_type="fixed_large")
     assert ours.variance_type == theirs.variance_type == "fixed_large"
+    with pytest.raises(AttributeError):  # README, "Differences from diffusers": `step` follows the config
+        ours.variance_type = "fixed_small"
     assert torch.equal(ours.one, theirs.one) and ours.one.dtype == theirs.one.dtype
     for kwargs, custom in [(dict(num_inference_steps=10), False), (dict(timesteps=[500, 3]), True)]:
         ours.set_timesteps(**kwargs)

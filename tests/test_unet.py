@@ -117,6 +117,17 @@ def test_timestep_forms_agree(tiny_model):
     assert not torch.allclose(other_timestep, outputs[0])
 
 
+def test_python_float_timesteps_are_not_truncated(tiny_model):
+    """README, "Differences from diffusers": diffusers turns a Python number into an int64 tensor (7.5 -> 7)."""
+    torch.manual_seed(0)
+    theirs = diffusers.UNet2DModel(**tiny()).eval()
+    sample = make_inputs(tiny())["sample"]
+    with torch.no_grad():
+        torch.testing.assert_close(tiny_model(sample, 7.5).sample, tiny_model(sample, torch.tensor(7.5)).sample)
+        assert not torch.allclose(tiny_model(sample, 7.5).sample, tiny_model(sample, 7).sample)
+        assert torch.equal(theirs(sample, 7.5).sample, theirs(sample, 7).sample)
+
+
 def test_return_dict_false_gives_tuple(tiny_model):
     inputs = make_inputs(tiny())
     with torch.no_grad():

@@ -266,7 +266,10 @@ class DDPMPipeline(DiffusionPipeline):
         device = self._execution_device
         # set_timesteps validates num_inference_steps before any noise is drawn.
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        sample = randn_tensor(self._sample_shape(batch_size), generator=generator, device=device, dtype=self.unet.dtype)
+        # On MPS diffusers draws the noise on the CPU (MPS draws differ); so do we, for the same images.
+        noise_device = torch.device("cpu") if device.type == "mps" else device
+        sample = randn_tensor(self._sample_shape(batch_size), generator=generator, device=noise_device,
+                              dtype=self.unet.dtype).to(device)
         sample = sample * self.scheduler.init_noise_sigma
         denoise = self._denoising_step(device, generator)
         if self.fast_sampling is not None:
