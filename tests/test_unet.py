@@ -158,8 +158,12 @@ def test_channels_last_gives_same_output(tiny_model):
     torch.testing.assert_close(output, reference, atol=1e-5, rtol=1e-5)
 
 
-def test_gradient_checkpointing_recomputes_and_gives_same_gradients():
-    config = tiny(block_out_channels=(8, 16), norm_num_groups=4)
+@pytest.mark.parametrize("config", [
+    tiny(block_out_channels=(8, 16), norm_num_groups=4),
+    tiny(block_out_channels=(32, 32), norm_num_groups=None, down_block_types=("SkipDownBlock2D", "AttnSkipDownBlock2D"),
+         up_block_types=("AttnSkipUpBlock2D", "SkipUpBlock2D"), sample_size=8),
+], ids=["DDPM", "NCSN++"])
+def test_gradient_checkpointing_recomputes_and_gives_same_gradients(config):
     torch.manual_seed(0)
     model = UNet2DModel(**config).train()
     inputs = make_inputs(config)
