@@ -126,6 +126,41 @@ def test_torch_dtype_on_load(tiny_unet_config, tmp_path):
     assert np.isfinite(sample(pipe, num_inference_steps=3)).all()
 
 
+@pytest.mark.parametrize("kwargs", [
+    dict(torch_dtype=torch.float16),
+    dict(torch_dtype={"unet": torch.bfloat16, "default": torch.float16}),
+    dict(variant="fp16"),
+    dict(low_cpu_mem_usage=False),
+    dict(low_cpu_mem_usage=True, use_safetensors=True),
+    dict(device_map="cpu"),
+    dict(device_map="balanced"),
+], ids=str)
+def test_loading_options_do_what_they_do_in_diffusers(tiny_unet_config, tmp_path, kwargs):
+    pipe = make_pipeline(tiny_unet_config)
+    pipe.save_pretrained(tmp_path, variant=kwargs.get("variant"))
+    ours, theirs = (cls.from_pretrained(tmp_path, **kwargs) for cls in (DDPMPipeline, diffusers.DDPMPipeline))
+    assert type(ours.unet) is UNet2DModel
+    assert (ours.unet.dtype, ours.unet.device) == (theirs.unet.dtype, theirs.unet.device)
+    assert getattr(ours, "hf_device_map", None) == getattr(theirs, "hf_device_map", None)
+    torch.testing.assert_close(ours.unet.state_dict(), theirs.unet.state_dict(), rtol=0, atol=0)
+    if isinstance(kwargs.get("torch_dtype"), dict):  # a dict is for pipelines only, in diffusers too
+        return
+    if kwargs.get("device_map") == "balanced":  # a pipeline strategy; diffusers' UNet2DModel refuses it too
+        for unet_class in (UNet2DModel, diffusers.UNet2DModel):
+            with pytest.raises(ValueError, match="does not support `device_map='balanced'`"):
+                unet_class.from_pretrained(tmp_path / "unet", **kwargs)
+        return
+    unet, their_unet = (cls.from_pretrained(tmp_path / "unet", **kwargs)
+                        for cls in (UNet2DModel, diffusers.UNet2DModel))
+    assert (unet.dtype, unet.device) == (their_unet.dtype, their_unet.device)
+    torch.testing.assert_close(unet.state_dict(), their_unet.state_dict(), rtol=0, atol=0)
+
+
+def test_quantization_config_is_refused(saved):
+    with pytest.raises(ValueError, match="quantization_config is not supported"):
+        DDPMPipeline.from_pretrained(saved, quantization_config=object())
+
+
 # --- loading broken folders -----------------------------------------------------------------------
 
 

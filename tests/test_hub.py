@@ -142,6 +142,19 @@ def test_pipeline_push_to_hub_method_uploads_card_and_pipeline(hub, pipeline):
     assert "ddpm_hf" in card.data.tags and 'from_pretrained("alice/from-method")' in card.text
 
 
+def test_pipeline_push_to_hub_takes_diffusers_arguments(hub, pipeline):
+    """diffusers' PushToHubMixin signature: `variant` names the weights; what ddpm_hf does not do is refused."""
+    pipeline.push_to_hub("alice/fp16", token=ALICE_TOKEN, variant="fp16", safe_serialization=True, create_pr=False)
+    files = set(HfApi(token=ALICE_TOKEN).list_repo_files("alice/fp16"))
+    assert "unet/diffusion_pytorch_model.fp16.safetensors" in files
+    assert "unet/diffusion_pytorch_model.safetensors" not in files
+    loaded = ddpm_hf.DDPMPipeline.from_pretrained("alice/fp16", variant="fp16", token=ALICE_TOKEN)
+    torch.testing.assert_close(loaded.unet.state_dict(), pipeline.unet.state_dict(), rtol=0, atol=0)
+    for unsupported in (dict(create_pr=True), dict(safe_serialization=False), dict(subfolder="pipe")):
+        with pytest.raises(ValueError, match=f"does not support {next(iter(unsupported))}"):
+            pipeline.push_to_hub("alice/refused", token=ALICE_TOKEN, **unsupported)
+
+
 def test_revisions_load_each_commit_and_branch(hub, run_dir, tiny_unet_config, pipeline, tmp_path):
     first = push_to_hub(run_dir, "alice/ddpm-tiny", token=ALICE_TOKEN)
     retrained = make_pipeline(tiny_unet_config, seed=1, num_train_timesteps=NUM_TRAIN_TIMESTEPS)

@@ -403,6 +403,47 @@ def test_off_schedule_timesteps():
     assert scheduler.step(sample, torch.tensor(5), sample).prev_sample.isnan().all()
 
 
+@pytest.mark.parametrize("set_timesteps", [None, dict(num_inference_steps=10), dict(timesteps=[999, 600, 30, 0])])
+@pytest.mark.parametrize("variance_type", VARIANCE_TYPES)
+def test_get_variance_matches_diffusers(variance_type, set_timesteps):
+    """diffusers' semi-private `_get_variance`, which its tests and community pipelines call, gives its numbers here,
+    also for "fixed_large_log" (log beta_t: only its `step` misuses it), and for a `variance_type` argument."""
+    ours, theirs = DDPMScheduler(variance_type=variance_type), reference(variance_type=variance_type)
+    theirs.register_to_config(variance_type=variance_type)  # `reference` maps "fixed_large_log" away
+    for scheduler in (ours, theirs):
+        if set_timesteps:
+            scheduler.set_timesteps(**set_timesteps)
+    predicted_variance = torch.tanh(randn(0))
+    for t in [int(t) for t in theirs.timesteps[::3]] + [0]:
+        expected = theirs._get_variance(t, predicted_variance)
+        assert_close(ours._get_variance(t, predicted_variance), expected)
+        assert_close(ours._get_variance(torch.tensor(t), predicted_variance), expected)
+        large = theirs._get_variance(t, variance_type="fixed_large")
+        assert_close(ours._get_variance(t, variance_type="fixed_large"), large)
+
+
+def test_diffusers_instance_attributes():
+    ours, theirs = DDPMScheduler(variance_type="fixed_large"), reference(variance_type="fixed_large")
+    assert ours.variance_type == theirs.variance_type == "fixed_large"
+    with pytest.raises(AttributeError):  # README, "Differences from diffusers": `step` follows the config
+        ours.variance_type = "fixed_small"
+    assert torch.equal(ours.one, theirs.one) and ours.one.dtype == theirs.one.dtype
+    for kwargs, custom in [(dict(num_inference_steps=10), False), (dict(timesteps=[500, 3]), True)]:
+        ours.set_timesteps(**kwargs)
+        theirs.set_timesteps(**kwargs)
+        assert ours.custom_timesteps is theirs.custom_timesteps is custom
+
+
+@pytest.mark.parametrize("timestep", [999.0, torch.tensor(999.0), torch.tensor([999.0, 500.0])])
+def test_float_timesteps_are_a_clear_error(timestep):
+    """diffusers raises an IndexError from deep inside `step` for these."""
+    sample = randn(0)
+    with pytest.raises(ValueError, match="Timesteps index the training schedule and are integers, got"):
+        DDPMScheduler().step(sample, timestep, sample)
+    with pytest.raises(IndexError):
+        reference().step(sample, timestep, sample)
+
+
 def test_previous_timestep_matches_diffusers():
     ours, theirs = DDPMScheduler(), reference()
     assert ours.previous_timestep(500) == theirs.previous_timestep(500) == 499
@@ -509,13 +550,17 @@ def test_steps_offset_past_the_last_timestep_is_rejected():
     (dict(prediction_type="noise"), "Unknown prediction_type 'noise'; choose one of 'epsilon', 'sample', "
                                     "'v_prediction'"),
     (dict(timestep_spacing="uniform"), "Unknown timestep_spacing 'uniform'; choose one of 'linspace', "),
-    (dict(num_train_timestep=10), r"Unknown DDPMScheduler option\(s\) \['num_train_timestep'\]; the options are "
-                                  r"\['num_train_timesteps', "),
     (dict(trained_betas=[0.1, 0.2]), "trained_betas has 2 values but num_train_timesteps is 1000"),
 ])
 def test_constructor_rejects_bad_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
         DDPMScheduler(**kwargs)
+
+
+def test_unknown_option_is_a_type_error_as_in_diffusers():
+    for scheduler_class in (DDPMScheduler, diffusers.DDPMScheduler):
+        with pytest.raises(TypeError, match="unexpected keyword argument 'num_train_timestep'"):
+            scheduler_class(num_train_timestep=10)
 
 
 @pytest.mark.parametrize("variance_type, channels, message", [

@@ -10,90 +10,17 @@ from safetensors.torch import load_file, save_file
 
 from ddpm_hf.models import UNet2DModel, convert_legacy_attention_keys
 
-from helpers import CIFAR10_CONFIG, CIFAR10_NUM_PARAMETERS
-
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-
-
-# diffusers' examples/unconditional_image_generation/train_unconditional.py (run at 32 px to stay quick).
-TRAIN_UNCONDITIONAL_CONFIG = dict(
-    sample_size=32,
-    in_channels=3,
-    out_channels=3,
-    layers_per_block=2,
-    block_out_channels=(128, 128, 256, 256, 512, 512),
-    down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
+from helpers import (
+    CIFAR10_CONFIG,
+    CIFAR10_NUM_PARAMETERS,
+    PARITY_CONFIGS,
+    TINY_CONFIGS,
+    TRAIN_UNCONDITIONAL_CONFIG,
+    make_inputs,
+    tiny,
 )
 
-
-def tiny(**overrides) -> dict:
-    """A two-stage UNet with attention in the lower stage, small enough to run in milliseconds."""
-    config = dict(
-        sample_size=16,
-        block_out_channels=(16, 32),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        layers_per_block=1,
-        norm_num_groups=8,
-    )
-    return config | overrides
-
-
-TINY_CONFIGS = {
-    "default": tiny(),
-    "one attention head": tiny(attention_head_dim=None),
-    "fourier time": tiny(time_embedding_type="fourier"),
-    "learned time": tiny(time_embedding_type="learned", num_train_timesteps=50),
-    "scale_shift": tiny(resnet_time_scale_shift="scale_shift"),
-    "scale_shift, mid attention norm": tiny(resnet_time_scale_shift="scale_shift", attn_norm_num_groups=4),
-    "resnet resamplers": tiny(
-        block_out_channels=(8, 16, 16),
-        down_block_types=("AttnDownBlock2D", "ResnetDownsampleBlock2D", "DownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "ResnetUpsampleBlock2D", "UpBlock2D"),
-        downsample_type="resnet",
-        upsample_type="resnet",
-    ),
-    "class table, centered input": tiny(num_class_embeds=10, center_input_sample=True),
-    "class timestep": tiny(class_embed_type="timestep"),
-    "class identity": tiny(class_embed_type="identity"),
-    "no mid attention": tiny(add_attention=False),
-    "no mid block": tiny(mid_block_type=None),
-    "dropout, eval mode": tiny(dropout=0.5),
-    "non-square": tiny(sample_size=(8, 16)),
-    "assorted options": tiny(
-        in_channels=1,
-        out_channels=2,
-        layers_per_block=2,
-        downsample_padding=0,
-        mid_block_scale_factor=2**0.5,
-        act_fn="mish",
-        time_embedding_dim=24,
-        flip_sin_to_cos=False,
-        freq_shift=1,
-        norm_eps=1e-6,
-        attention_head_dim=4,
-    ),
-}
-
-
-def make_inputs(config: dict, batch_size: int = 2, seed: int = 0) -> dict:
-    """Random forward() arguments for a model with `config`: sample, per-sample timesteps, class labels."""
-    generator = torch.Generator().manual_seed(seed)
-    height, width = (config["sample_size"],) * 2 if isinstance(config["sample_size"], int) else config["sample_size"]
-    sample = torch.randn(batch_size, config.get("in_channels", 3), height, width, generator=generator)
-    if config.get("time_embedding_type") == "fourier":
-        timestep = 0.01 + 50 * torch.rand(batch_size, generator=generator)  # noise levels sigma
-    else:
-        timestep = torch.randint(0, config.get("num_train_timesteps") or 1000, (batch_size,), generator=generator)
-
-    class_labels = None
-    if config.get("class_embed_type") == "identity":
-        time_embed_dim = config.get("time_embedding_dim") or 4 * config["block_out_channels"][0]
-        class_labels = torch.randn(batch_size, time_embed_dim, generator=generator)
-    elif config.get("class_embed_type") == "timestep" or config.get("num_class_embeds"):
-        class_labels = torch.randint(0, 10, (batch_size,), generator=generator)
-    return dict(sample=sample, timestep=timestep, class_labels=class_labels)
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 
 def same_weights_as(theirs: diffusers.UNet2DModel, config: dict) -> UNet2DModel:
@@ -154,18 +81,18 @@ def test_train_unconditional_architecture():
     assert max_abs_difference(ours, theirs, make_inputs(TRAIN_UNCONDITIONAL_CONFIG, batch_size=1)) < 1e-5
 
 
-@pytest.mark.parametrize("name", TINY_CONFIGS)
+@pytest.mark.parametrize("name", PARITY_CONFIGS)
 def test_state_dicts_load_both_ways(name):
-    config = TINY_CONFIGS[name]
+    config = PARITY_CONFIGS[name]
     ours, theirs = UNet2DModel(**config), diffusers.UNet2DModel(**config)
     assert parameter_shapes(ours) == parameter_shapes(theirs)
     theirs.load_state_dict(ours.state_dict(), strict=True)
     ours.load_state_dict(theirs.state_dict(), strict=True)
 
 
-@pytest.mark.parametrize("name", TINY_CONFIGS)
+@pytest.mark.parametrize("name", PARITY_CONFIGS)
 def test_output_matches_diffusers(name):
-    config = TINY_CONFIGS[name]
+    config = PARITY_CONFIGS[name]
     torch.manual_seed(0)
     theirs = diffusers.UNet2DModel(**config).eval()
     ours = same_weights_as(theirs, config)
@@ -188,6 +115,17 @@ def test_timestep_forms_agree(tiny_model):
     for output in outputs[1:]:
         torch.testing.assert_close(output, outputs[0])
     assert not torch.allclose(other_timestep, outputs[0])
+
+
+def test_python_float_timesteps_are_not_truncated(tiny_model):
+    """README, "Differences from diffusers": diffusers turns a Python number into an int64 tensor (7.5 -> 7)."""
+    torch.manual_seed(0)
+    theirs = diffusers.UNet2DModel(**tiny()).eval()
+    sample = make_inputs(tiny())["sample"]
+    with torch.no_grad():
+        torch.testing.assert_close(tiny_model(sample, 7.5).sample, tiny_model(sample, torch.tensor(7.5)).sample)
+        assert not torch.allclose(tiny_model(sample, 7.5).sample, tiny_model(sample, 7).sample)
+        assert torch.equal(theirs(sample, 7.5).sample, theirs(sample, 7).sample)
 
 
 def test_return_dict_false_gives_tuple(tiny_model):
@@ -220,8 +158,12 @@ def test_channels_last_gives_same_output(tiny_model):
     torch.testing.assert_close(output, reference, atol=1e-5, rtol=1e-5)
 
 
-def test_gradient_checkpointing_recomputes_and_gives_same_gradients():
-    config = tiny(block_out_channels=(8, 16), norm_num_groups=4)
+@pytest.mark.parametrize("config", [
+    tiny(block_out_channels=(8, 16), norm_num_groups=4),
+    tiny(block_out_channels=(32, 32), norm_num_groups=None, down_block_types=("SkipDownBlock2D", "AttnSkipDownBlock2D"),
+         up_block_types=("AttnSkipUpBlock2D", "SkipUpBlock2D"), sample_size=8),
+], ids=["DDPM", "NCSN++"])
+def test_gradient_checkpointing_recomputes_and_gives_same_gradients(config):
     torch.manual_seed(0)
     model = UNet2DModel(**config).train()
     inputs = make_inputs(config)
@@ -379,46 +321,92 @@ def test_from_pretrained_reports_mismatched_shapes_when_diffusers_would_reinitia
 
 # --- Config validation ---
 
+SKIP_DOWN = ("SkipDownBlock2D", "AttnSkipDownBlock2D")
+SKIP_UP = ("AttnSkipUpBlock2D", "SkipUpBlock2D")
+NCSNPP = dict(block_out_channels=(32, 32), norm_num_groups=None, down_block_types=SKIP_DOWN, up_block_types=SKIP_UP)
 
-@pytest.mark.parametrize(
-    ("overrides", "expected_message"),
-    [
-        (
-            dict(down_block_types=("CrossAttnDownBlock2D", "DownBlock2D")),
-            "down_block_types entry='CrossAttnDownBlock2D'; "
-            "supported values: 'DownBlock2D', 'AttnDownBlock2D', 'ResnetDownsampleBlock2D'",
-        ),
-        (
-            dict(up_block_types=("UpBlock2D", "SkipUpBlock2D")),
-            "up_block_types entry='SkipUpBlock2D'; "
-            "supported values: 'UpBlock2D', 'AttnUpBlock2D', 'ResnetUpsampleBlock2D'",
-        ),
-        (
-            dict(time_embedding_type="sinusoidal"),
-            "time_embedding_type='sinusoidal'; supported values: 'positional', 'fourier', 'learned'",
-        ),
-        (
-            dict(resnet_time_scale_shift="spatial"),
-            "resnet_time_scale_shift='spatial'; supported values: 'default', 'scale_shift'",
-        ),
-        (
-            dict(class_embed_type="projection"),
-            "class_embed_type='projection'; supported values: None, 'timestep', 'identity'",
-        ),
-        (dict(mid_block_type="UNetMidBlock2DCrossAttn"), "supported values: 'UNetMidBlock2D', None"),
-        (dict(downsample_type="fir"), "downsample_type='fir'; supported values: 'conv', 'resnet'"),
-        (dict(upsample_type="fir"), "upsample_type='fir'; supported values: 'conv', 'resnet'"),
-        (dict(act_fn="tanh"), "act_fn='tanh'; supported values: 'silu', 'swish', 'mish', 'gelu', 'relu'"),
-        (dict(block_out_channels=(16, 32, 64)), "must have the same length"),
-        (dict(norm_num_groups=12), "norm_num_groups=12 must divide"),
-        (dict(norm_num_groups=None), "norm_num_groups=None must divide"),
-        (dict(attn_norm_num_groups=5), "attn_norm_num_groups=5 must divide"),
-        (dict(attention_head_dim=64), "attention_head_dim=64 must not exceed"),
-        (dict(layers_per_block=0), "layers_per_block must be at least 1"),
-        (dict(time_embedding_type="learned"), "needs num_train_timesteps"),
-    ],
-)
+# (overrides of tiny(), the message expected). diffusers fails on each of these too, when building or in forward.
+INVALID_CONFIGS = [
+    (
+        dict(down_block_types=("CrossAttnDownBlock2D", "DownBlock2D")),
+        "down_block_types entry='CrossAttnDownBlock2D'; supported values: 'DownBlock2D', 'AttnDownBlock2D', "
+        "'ResnetDownsampleBlock2D', 'SkipDownBlock2D', 'AttnSkipDownBlock2D'",
+    ),
+    (
+        dict(up_block_types=("UpDecoderBlock2D", "UpBlock2D")),
+        "up_block_types entry='UpDecoderBlock2D'; supported values: 'UpBlock2D', 'AttnUpBlock2D', "
+        "'ResnetUpsampleBlock2D', 'SkipUpBlock2D', 'AttnSkipUpBlock2D'",
+    ),
+    (
+        dict(time_embedding_type="sinusoidal"),
+        "time_embedding_type='sinusoidal'; supported values: 'positional', 'fourier', 'learned'",
+    ),
+    (
+        dict(resnet_time_scale_shift="spatial"),
+        "resnet_time_scale_shift='spatial'; supported values: 'default', 'scale_shift'",
+    ),
+    (
+        dict(down_block_types=("AttnDownBlock2D", "DownBlock2D"), downsample_type="fir"),
+        "downsample_type='fir'; supported values: 'conv', 'resnet'",
+    ),
+    (dict(upsample_type="fir"), "upsample_type='fir'; supported values: 'conv', 'resnet'"),
+    (dict(act_fn="tanh"), "act_fn='tanh'; supported values: 'silu', 'swish', 'mish', 'gelu', 'relu'"),
+    (dict(block_out_channels=(16, 32, 64)), "must have the same length"),
+    (dict(norm_num_groups=12), "norm_num_groups=12 must divide the channels of every layer it normalizes, [16, 32]"),
+    (dict(norm_num_groups=None), "norm_num_groups=None must divide the channels of every layer it normalizes: only"),
+    (
+        dict(NCSNPP, down_block_types=("SkipDownBlock2D", "DownBlock2D")),
+        "norm_num_groups=None must divide the channels of every layer it normalizes",
+    ),
+    (dict(attn_norm_num_groups=5), "attn_norm_num_groups=5 must divide block_out_channels[-1]=32"),
+    (dict(attention_head_dim=64), "attention_head_dim=64 must not exceed the channels of any level that attends, [32]"),
+    (dict(time_embedding_type="learned"), "needs num_train_timesteps"),
+    (dict(NCSNPP, in_channels=1), "The Skip* (NCSN++) down blocks need in_channels=3"),
+    (dict(NCSNPP, out_channels=1), "The Skip* (NCSN++) up blocks need out_channels=3"),
+    (
+        dict(NCSNPP, block_out_channels=(32, 32, 32), down_block_types=("DownBlock2D", *SKIP_DOWN), norm_num_groups=8,
+             up_block_types=("UpBlock2D", *SKIP_UP)),
+        "The Skip* (NCSN++) down blocks must come first in down_block_types",
+    ),
+    (dict(NCSNPP, norm_num_groups=8, up_block_types=SKIP_UP[:1] + ("UpBlock2D",)), "must come last in up_block_types"),
+    # NCSN++ blocks pick min(channels // 4, 32) groups, and 32 before attending: 16 channels cannot attend.
+    (dict(NCSNPP, block_out_channels=(16, 16)), "Cannot build down_block_types[1]='AttnSkipDownBlock2D' with 16"),
+]
+
+# Configs diffusers builds and runs but that are nonsense; rejected here (listed in the README's "Differences from
+# diffusers").
+REJECTED_THOUGH_DIFFUSERS_RUNS_THEM = [
+    (dict(mid_block_type="UNetMidBlock2DCrossAttn"), "supported values: 'UNetMidBlock2D', None"),
+    (dict(class_embed_type="projection"), "class_embed_type='projection'; supported values: None, 'timestep', "),
+    (dict(layers_per_block=0, block_out_channels=(16, 16)), "layers_per_block must be at least 1"),
+    (
+        dict(block_out_channels=(32, 32), up_block_types=("AttnUpBlock2D", "KUpBlock2D")),
+        "up_block_types entry='KUpBlock2D'; supported values",
+    ),
+]
+
+
+def diffusers_runs(config: dict) -> bool:
+    """Whether diffusers' UNet2DModel builds `config` and runs a forward pass."""
+    try:
+        with torch.no_grad():
+            diffusers.UNet2DModel(**config)(**make_inputs(config))
+    except Exception:  # noqa: BLE001 - any failure counts: a TypeError, a shape mismatch deep in torch, ...
+        return False
+    return True
+
+
+@pytest.mark.parametrize(("overrides", "expected_message"), INVALID_CONFIGS + REJECTED_THOUGH_DIFFUSERS_RUNS_THEM)
 def test_invalid_config_raises(overrides, expected_message):
     with pytest.raises(ValueError) as error:
         UNet2DModel(**tiny(**overrides))
     assert expected_message in str(error.value)
+
+
+@pytest.mark.parametrize(("overrides", "rejected_by_diffusers"), [
+    *[(overrides, True) for overrides, _ in INVALID_CONFIGS],
+    *[(overrides, False) for overrides, _ in REJECTED_THOUGH_DIFFUSERS_RUNS_THEM],
+])
+def test_rejected_configs_are_those_diffusers_cannot_run(overrides, rejected_by_diffusers):
+    """A config is rejected here only where diffusers fails too, or where the README says why."""
+    assert diffusers_runs(tiny(**overrides)) is not rejected_by_diffusers

@@ -33,10 +33,57 @@ class UpsampleNearest2x(nn.Module):
         return upsample_nearest_2x(hidden_states)
 
 
-# Parameter-free 2x resampling inside a ResnetBlock2D (so it adds no weight names).
+class _FirFilter2D(nn.Module):
+    """Holds the separable [1, 3, 3, 1] FIR filter (a non-persistent buffer: no weight name, moves with the model)."""
+
+    def __init__(self, gain: float):
+        super().__init__()
+        taps = torch.tensor([1.0, 3.0, 3.0, 1.0])
+        self.register_buffer("kernel", torch.outer(taps, taps) * (gain / taps.sum() ** 2), persistent=False)
+
+    def _depthwise_kernel(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The filter once per channel, `(C, 1, 4, 4)`, in the input's dtype."""
+        return self.kernel.to(hidden_states.dtype).expand(hidden_states.shape[1], 1, 4, 4)
+
+
+class FirDownsample2D(_FirFilter2D):
+    """Halves height and width with the [1, 3, 3, 1] low-pass FIR filter, no weights (NCSN++, Song et al. 2021).
+
+    The anti-aliased downsampling of StyleGAN2's `upfirdn2d` with `down=2`: each output pixel is a weighted average
+    of a 4x4 window (zero padding of one pixel), computed as a depthwise strided convolution.
+    """
+
+    def __init__(self):
+        super().__init__(gain=1.0)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, H/2, W/2)
+        return F.conv2d(hidden_states, self._depthwise_kernel(hidden_states), stride=2, padding=1,
+                        groups=hidden_states.shape[1])
+
+
+class FirUpsample2D(_FirFilter2D):
+    """Doubles height and width with the [1, 3, 3, 1] FIR filter, no weights (NCSN++, Song et al. 2021).
+
+    StyleGAN2's `upfirdn2d` with `up=2`: zeros between the pixels, then the filter with gain 4 (so that a constant
+    image stays constant), computed as a depthwise transposed convolution.
+    """
+
+    def __init__(self):
+        super().__init__(gain=4.0)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, 2H, 2W)
+        return F.conv_transpose2d(hidden_states, self._depthwise_kernel(hidden_states), stride=2, padding=1,
+                                  groups=hidden_states.shape[1])
+
+
+# Parameter-free 2x resampling inside a ResnetBlock2D (so it adds no weight names): box filter / nearest neighbour
+# (BigGAN), or the FIR filter (NCSN++).
+Resample = Literal["down", "up", "fir_down", "fir_up"]
 _RESAMPLERS = {
     "down": lambda: nn.AvgPool2d(kernel_size=2),
     "up": UpsampleNearest2x,
+    "fir_down": FirDownsample2D,
+    "fir_up": FirUpsample2D,
 }
 
 
@@ -83,7 +130,8 @@ class ResnetBlock2D(nn.Module):
         in_channels (`int`): Input channels.
         out_channels (`int`): Output channels.
         temb_channels (`int`): Size of the timestep embedding.
-        groups (`int`, defaults to 32): GroupNorm groups; must divide both channel counts.
+        groups (`int`, defaults to 32): GroupNorm groups of `norm1`; must divide `in_channels`.
+        groups_out (`int`, *optional*): GroupNorm groups of `norm2`; must divide `out_channels`. Defaults to `groups`.
         eps (`float`, defaults to 1e-6): GroupNorm epsilon.
         act_fn (`str`, defaults to `"silu"`): A key of `ACTIVATIONS`.
         dropout (`float`, defaults to 0.0): Dropout before `conv2`.
@@ -91,8 +139,11 @@ class ResnetBlock2D(nn.Module):
             before `norm2`; `"scale_shift"` applies it after `norm2` as a FiLM scale and shift
             (Dhariwal & Nichol 2021), so `time_emb_proj` predicts twice the channels.
         output_scale_factor (`float`, defaults to 1.0): The residual sum is divided by this.
-        resample (`"down"`, `"up"` or `None`): 2x average pooling or nearest upsampling right after the
-            first activation, as in BigGAN's residual blocks.
+        resample (`"down"`, `"up"`, `"fir_down"`, `"fir_up"` or `None`): 2x resampling of both paths right after
+            the first activation: average pooling or nearest upsampling, as in BigGAN's residual blocks, or the FIR
+            filter of NCSN++ ([`FirDownsample2D`], [`FirUpsample2D`]).
+        use_in_shortcut (`bool`, *optional*): Project the shortcut with a 1x1 convolution; by default only when
+            the channel count changes.
     """
 
     def __init__(
@@ -102,12 +153,14 @@ class ResnetBlock2D(nn.Module):
         temb_channels: int,
         *,
         groups: int = 32,
+        groups_out: int | None = None,
         eps: float = 1e-6,
         act_fn: str = "silu",
         dropout: float = 0.0,
         time_embedding_norm: Literal["default", "scale_shift"] = "default",
         output_scale_factor: float = 1.0,
-        resample: Literal["down", "up"] | None = None,
+        resample: Resample | None = None,
+        use_in_shortcut: bool | None = None,
     ):
         super().__init__()
         self.time_embedding_norm = time_embedding_norm
@@ -117,13 +170,13 @@ class ResnetBlock2D(nn.Module):
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
         self.time_emb_proj = nn.Linear(temb_channels, time_channels)
-        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
+        self.norm2 = nn.GroupNorm(groups_out or groups, out_channels, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
         self.nonlinearity = ACTIVATIONS[act_fn]()
         self.resample = _RESAMPLERS[resample]() if resample else None
         self.conv_shortcut = None
-        if in_channels != out_channels:
+        if in_channels != out_channels if use_in_shortcut is None else use_in_shortcut:
             self.conv_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1)
 
     def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:

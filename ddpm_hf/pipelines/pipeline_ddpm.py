@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import tempfile
 from typing import Any, Callable, Literal
 
 import torch
@@ -129,8 +130,9 @@ class DDPMPipeline(DiffusionPipeline):
         r"""
         Loads a saved pipeline into ddpm_hf's own [`UNet2DModel`] and [`DDPMScheduler`].
 
-        Accepts everything `diffusers.DiffusionPipeline.from_pretrained` accepts (a Hub repo id with
-        `revision`, `cache_dir`, `token`, ..., or a local folder; `torch_dtype`), in both layouts
+        Accepts what `diffusers.DiffusionPipeline.from_pretrained` accepts (a Hub repo id with
+        `revision`, `cache_dir`, `token`, ..., or a local folder; `torch_dtype`, also per component,
+        `variant`, `device_map`, `low_cpu_mem_usage`; not `quantization_config`), in both layouts
         diffusers writes: nested (`model_index.json`, `unet/`, `scheduler/`) and flat
         (`config.json`, `scheduler_config.json` and the weights at the root, like
         `google/ddpm-cifar10-32`). Components of other classes (say a `DDIMScheduler`) load as the
@@ -144,22 +146,34 @@ class DDPMPipeline(DiffusionPipeline):
         folder = name if os.path.isdir(name) else cls._download_folder(name, kwargs)
         model_index = _read_model_index(folder)
 
+        if kwargs.get("quantization_config") is not None:
+            raise ValueError("quantization_config is not supported by ddpm_hf's DDPMPipeline: load it without, or "
+                             "quantize the UNet afterwards.")
         if model_index is None:
-            pipe = cls(unet=UNet2DModel.from_pretrained(folder, **_model_kwargs(kwargs)),
+            pipe = cls(unet=UNet2DModel.from_pretrained(folder, **_model_kwargs(kwargs, "unet")),
                        scheduler=DDPMScheduler.from_pretrained(folder))
             pipe.register_to_config(_name_or_path=name)
             return pipe
 
+        loaded = []
         for component, (library, class_name) in _components(model_index).items():
             if component in kwargs or not _is_drop_in(library, class_name):
                 continue
             kwargs[component] = _load_component(folder, component, DROP_IN_CLASSES[class_name], kwargs)
+            loaded.append(component)
         pipe = super().from_pretrained(folder, **kwargs)
         pipe.register_to_config(_name_or_path=name)
+        # device_map="balanced": diffusers places the components; it does not move those we loaded ourselves.
+        device_map = getattr(pipe, "hf_device_map", None)
+        for component, device in (device_map.items() if isinstance(device_map, dict) else ()):
+            if component in loaded and isinstance(getattr(pipe, component), torch.nn.Module):
+                getattr(pipe, component).to(device)
         return pipe
 
     def push_to_hub(self, repo_id: str, commit_message: str | None = None, private: bool | None = None,
-                    token: str | None = None, *, revision: str | None = None) -> CommitInfo:
+                    token: str | None = None, create_pr: bool = False, safe_serialization: bool = True,
+                    variant: str | None = None, subfolder: str | None = None, *,
+                    revision: str | None = None) -> CommitInfo:
         r"""
         Uploads the pipeline (safetensors) and a model card to a Hub repo, creating the repo if needed.
 
@@ -172,13 +186,32 @@ class DDPMPipeline(DiffusionPipeline):
             commit_message (`str`, *optional*): Defaults to `"Upload DDPM pipeline"`.
             private (`bool`, *optional*): Create the repo as private (ignored if it exists).
             token (`str`, *optional*): A token with write access; defaults to `HF_TOKEN`, then the stored login.
+            create_pr (`bool`, defaults to `False`): Only `False`: push to a branch with `revision=` instead.
+            safe_serialization (`bool`, defaults to `True`): Only `True`: weights go to the Hub as safetensors only.
+            variant (`str`, *optional*): Save the weights as `diffusion_pytorch_model.<variant>.safetensors`
+                (load them with `from_pretrained(..., variant=)`).
+            subfolder (`str`, *optional*): Only `None`: the pipeline goes to the root of the repo.
             revision (`str`, *optional*): The branch to commit to, created if needed; defaults to `main`.
 
         Returns:
             [`~huggingface_hub.CommitInfo`]: `.oid` loads this upload back with `from_pretrained(..., revision=)`.
+
+        Raises:
+            ValueError: for `create_pr=True`, `safe_serialization=False` or a `subfolder`, which ddpm_hf does not do.
         """
-        return hub.push_to_hub(self, repo_id, private=private, token=token, commit_message=commit_message,
-                               revision=revision)
+        unsupported = {"create_pr=True": create_pr, "safe_serialization=False": not safe_serialization,
+                       f"subfolder={subfolder!r}": subfolder}
+        if any(unsupported.values()):
+            asked = ", ".join(option for option, given in unsupported.items() if given)
+            raise ValueError(f"DDPMPipeline.push_to_hub does not support {asked}: it commits safetensors weights to "
+                             "the root of a branch (`revision=`).")
+        if variant is None:
+            return hub.push_to_hub(self, repo_id, private=private, token=token, commit_message=commit_message,
+                                   revision=revision)
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, safe_serialization=True, variant=variant)
+            return hub.push_to_hub(folder, repo_id, private=private, token=token, commit_message=commit_message,
+                                   revision=revision)
 
     @classmethod
     def _download_folder(cls, repo_id: str, kwargs: dict[str, Any]) -> str:
@@ -233,7 +266,10 @@ class DDPMPipeline(DiffusionPipeline):
         device = self._execution_device
         # set_timesteps validates num_inference_steps before any noise is drawn.
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        sample = randn_tensor(self._sample_shape(batch_size), generator=generator, device=device, dtype=self.unet.dtype)
+        # On MPS diffusers draws the noise on the CPU (MPS draws differ); so do we, for the same images.
+        noise_device = torch.device("cpu") if device.type == "mps" else device
+        sample = randn_tensor(self._sample_shape(batch_size), generator=generator, device=noise_device,
+                              dtype=self.unet.dtype).to(device)
         sample = sample * self.scheduler.init_noise_sigma
         denoise = self._denoising_step(device, generator)
         if self.fast_sampling is not None:
@@ -320,9 +356,17 @@ def _components(model_index: dict[str, Any]) -> dict[str, tuple[str | None, str 
             if not key.startswith("_") and isinstance(value, list) and len(value) == 2}
 
 
-def _model_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    keys = ("torch_dtype", "variant", "use_safetensors", "low_cpu_mem_usage")
-    return {key: kwargs[key] for key in keys if key in kwargs}
+def _model_kwargs(kwargs: dict[str, Any], component: str) -> dict[str, Any]:
+    """The `DiffusionPipeline.from_pretrained` arguments for one model component, as diffusers passes them on."""
+    keys = ("torch_dtype", "variant", "use_safetensors", "low_cpu_mem_usage", "device_map", "max_memory",
+            "offload_folder", "offload_state_dict", "disable_mmap")
+    model_kwargs = {key: kwargs[key] for key in keys if kwargs.get(key) is not None}
+    if isinstance(model_kwargs.get("torch_dtype"), dict):  # {"unet": torch.float16, "default": ...}
+        dtypes = model_kwargs["torch_dtype"]
+        model_kwargs["torch_dtype"] = dtypes.get(component, dtypes.get("default", torch.float32))
+    if model_kwargs.get("device_map") == "balanced":  # a pipeline-level strategy, applied after loading
+        del model_kwargs["device_map"]
+    return model_kwargs
 
 
 def _load_component(folder: str, component: str, component_class: type, kwargs: dict[str, Any]):
@@ -331,4 +375,4 @@ def _load_component(folder: str, component: str, component_class: type, kwargs: 
     path = path if os.path.isdir(path) else folder
     if issubclass(component_class, SchedulerMixin):
         return component_class.from_pretrained(path)
-    return component_class.from_pretrained(path, **_model_kwargs(kwargs))
+    return component_class.from_pretrained(path, **_model_kwargs(kwargs, component))

@@ -18,7 +18,6 @@ training (`set_timesteps`), "t - 1" is the next timestep t' of the schedule and 
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -92,6 +91,8 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
     Attributes:
         betas, alphas, alphas_cumprod (`torch.Tensor` of shape `(T,)`): beta_t, alpha_t and alpha_bar_t.
         timesteps (`torch.Tensor`): the timesteps the sampling loop visits, descending; all T until `set_timesteps`.
+        num_inference_steps (`int`), custom_timesteps (`bool`): the number of `timesteps` (`None` until
+            `set_timesteps`), and whether `set_timesteps` was given them explicitly.
         posterior_mean_coef1, posterior_mean_coef2, posterior_variance, step_betas (`torch.Tensor` of shape `(T,)`):
             for the step from each timestep of `timesteps` to the next: the coefficients of x_0 and x_t in mu~_t,
             beta~_t (eq. 7) and beta_t; NaN at timesteps off the schedule.
@@ -138,11 +139,7 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         timestep_spacing: TimestepSpacing = "leading",
         steps_offset: int = 0,
         rescale_betas_zero_snr: bool = False,
-        **kwargs,  # only to report unknown option names as a ValueError; `from_config` never passes any
     ):
-        if kwargs:
-            options = [name for name in inspect.signature(DDPMScheduler.__init__).parameters][1:-1]
-            raise ValueError(f"Unknown DDPMScheduler option(s) {sorted(kwargs)}; the options are {options}.")
         _check_choice("beta_schedule", beta_schedule, BetaSchedule)
         _check_choice("variance_type", variance_type, VarianceType)
         _check_choice("prediction_type", prediction_type, PredictionType)
@@ -164,7 +161,9 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         self.sqrt_one_minus_alphas_cumprod = (1 - self.alphas_cumprod).sqrt()
 
         self.init_noise_sigma = 1.0  # x_T ~ N(0, I)
+        self.one = torch.tensor(1.0)  # alpha_bar before the first timestep (diffusers' name)
         self.num_inference_steps = None
+        self.custom_timesteps = False  # whether `set_timesteps` was given the timesteps themselves
         # Until `set_timesteps` is called, sampling visits every training timestep T-1, ..., 0.
         self._set_schedule(torch.arange(num_train_timesteps - 1, -1, -1))
 
@@ -220,6 +219,7 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError("set_timesteps needs `num_inference_steps` or `timesteps`; got neither.")
 
         self.num_inference_steps = len(timesteps)
+        self.custom_timesteps = num_inference_steps is None
         self._set_schedule(torch.from_numpy(timesteps))
         if device is not None:
             self.timesteps = self.timesteps.to(device)
@@ -365,20 +365,60 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
             return prev_sample, pred_original_sample
         return DDPMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
 
+    @property
+    def variance_type(self) -> str:
+        """The config's `variance_type` (read-only here: `step` and `_get_variance` follow the config)."""
+        return self.config.variance_type
+
+    def _get_variance(
+        self,
+        t: Timestep,
+        predicted_variance: torch.Tensor | None = None,
+        variance_type: VarianceType | None = None,
+    ) -> torch.Tensor:
+        """
+        The variance quantity of the step from `t`, as `diffusers.DDPMScheduler._get_variance` returns it: beta~_t
+        (`"fixed_small"`, clamped at 1e-20 as its log is taken), its square root (`"fixed_small_log"`), beta_t
+        (`"fixed_large"`), log(beta_t) (`"fixed_large_log"`), the model's prediction (`"learned"`), or the log-variance
+        interpolated from it (`"learned_range"`, Nichol & Dhariwal 2021, eq. 15).
+
+        Args:
+            t (`int` or `torch.Tensor`): a timestep of the schedule (or one per sample).
+            predicted_variance (`torch.Tensor`, *optional*): the model's variance channels, for the learned types.
+            variance_type (`str`, *optional*): defaults to the config's.
+        """
+        self._check_scheduled(t)
+        index = _as_index(t)
+        shape = t.shape if torch.is_tensor(t) else ()
+        small, large = self.posterior_variance[index].reshape(shape), self.step_betas[index].reshape(shape)
+        variance_type = variance_type or self.config.variance_type
+        if variance_type == "learned":
+            return predicted_variance
+        if variance_type == "learned_range":
+            small, large = _expand(small, predicted_variance), _expand(large, predicted_variance)
+            frac = (predicted_variance + 1) / 2
+            return frac * large.log() + (1 - frac) * small.log()
+        return {
+            "fixed_small": lambda: small,
+            "fixed_small_log": lambda: torch.exp(0.5 * small.log()),
+            "fixed_large": lambda: large,
+            "fixed_large_log": lambda: large.log(),
+        }[variance_type]()
+
     def _sigma(self, t: Timestep, predicted_variance: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
         """sigma_t of the reverse step: sqrt(beta~_t) ("small") or sqrt(beta_t) ("large") (sec. 3.2), or learned."""
         variance_type = self.config.variance_type
-        if variance_type == "learned":  # the model predicts sigma_t^2 itself
-            return predicted_variance**0.5
-        small, large = _expand(self.posterior_variance[t], x), _expand(self.step_betas[t], x)
-        if variance_type == "learned_range":  # interpolate the log-variances (Nichol & Dhariwal 2021, eq. 15)
-            frac = (predicted_variance + 1) / 2
-            return torch.exp(0.5 * (frac * large.log() + (1 - frac) * small.log()))
-        if variance_type == "fixed_small_log":  # the same sigma as "fixed_small", through the log-variance
-            return torch.exp(0.5 * small.log())
-        # diffusers 0.42 returns NaN for "fixed_large_log" (it takes the square root of log(beta_t)); we give it the
-        # sigma it means, sqrt(beta_t), exactly as "fixed_large".
-        return (small if variance_type == "fixed_small" else large) ** 0.5
+        # diffusers 0.42 takes sqrt(log(beta_t)) for "fixed_large_log" (NaN); we give it the sigma it means,
+        # sqrt(beta_t), exactly as "fixed_large".
+        variance = self._get_variance(t, predicted_variance,
+                                      "fixed_large" if variance_type == "fixed_large_log" else variance_type)
+        if variance_type not in ("learned", "learned_range"):  # per timestep, not already per pixel
+            variance = _expand(variance, x)
+        if variance_type == "fixed_small_log":  # already a standard deviation
+            return variance
+        if variance_type == "learned_range":  # a log-variance
+            return torch.exp(0.5 * variance)
+        return variance**0.5
 
     def _threshold_sample(self, sample: torch.Tensor) -> torch.Tensor:
         """Dynamic thresholding (Saharia et al. 2022, sec. 2.3): s = the `dynamic_thresholding_ratio` percentile of
@@ -392,8 +432,11 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         return (flat.clamp(-s, s) / s).reshape(sample.shape).to(dtype)
 
     def _check_scheduled(self, timestep: Timestep) -> None:
-        """Rejects a Python-int timestep outside the schedule. (Tensors are not checked, to stay on the device;
-        off-schedule tensor timesteps give NaN.)"""
+        """Rejects a non-integer timestep, and a Python-int one outside the schedule. (Tensor values are not checked,
+        to stay on the device; off-schedule tensor timesteps give NaN.)"""
+        if isinstance(timestep, float) or torch.is_tensor(timestep) and timestep.is_floating_point():
+            raise ValueError(f"Timesteps index the training schedule and are integers, got {timestep!r}; step "
+                             "through `scheduler.timesteps`.")
         if not torch.is_tensor(timestep) and timestep not in self._scheduled:
             raise ValueError(f"Timestep {timestep} is not in the schedule ({len(self.timesteps)} timesteps from "
                              f"{int(self.timesteps[0])} to {int(self.timesteps[-1])}); step through "
