@@ -251,7 +251,10 @@ def save_checkpoint(
             commit_folder(temporary, final)
     if accelerator.is_main_process and total_limit is not None:
         for old in list_checkpoints(output_dir)[:-total_limit]:
-            remove_folder(old)
+            try:
+                remove_folder(old)
+            except OSError as error:  # the new checkpoint is safe; an old one left behind is no reason to stop
+                logger.warning(f"Could not delete {old} (--checkpoints_total_limit {total_limit}): {error}")
     accelerator.wait_for_everyone()
     return final
 

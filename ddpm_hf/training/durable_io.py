@@ -12,13 +12,16 @@ from __future__ import annotations
 import errno
 import os
 import re
-import resource
 import shutil
 from pathlib import Path
 
+try:
+    import resource
+except ImportError:  # Windows: no file-size limits to diagnose
+    resource = None
+
 TEMPORARY_SUFFIXES = (".tmp", ".old", ".deleting")  # written, replaced, being deleted
-_SPACE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
-                 errno.EFBIG: "a file grew past the file-size limit"}
+_SPACE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up"}
 
 
 class WriteFailedError(RuntimeError):
@@ -27,6 +30,8 @@ class WriteFailedError(RuntimeError):
 
 def fsync(path: str | os.PathLike):
     """Flush a file's or a folder's data and metadata to the disk."""
+    if os.name == "nt" and os.path.isdir(path):  # Windows cannot open a folder; NTFS journals its entries
+        return
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
@@ -102,11 +107,12 @@ def write_failure(what: str, folder: Path, error: Exception, bytes_needed: int) 
     existing = next(path for path in (folder, *folder.parents) if path.exists())
     free = shutil.disk_usage(existing).free
     reason = _failure_reason(error, free, bytes_needed)
+    remedy = ("Raise the limit (`ulimit -f unlimited`)" if "file-size limit" in reason
+              else "Free some space (or lower --checkpoints_total_limit)")
     return WriteFailedError(
         f"Could not save {what} in {folder}: {reason}. It needs about {format_bytes(bytes_needed)}, and "
         f"{format_bytes(free)} are free there. The unfinished copy was removed; the older checkpoints and the "
-        "saved pipeline are intact. Free some space (or lower --checkpoints_total_limit), then continue with "
-        "--resume_from_checkpoint latest."
+        f"saved pipeline are intact. {remedy}, then continue with --resume_from_checkpoint latest."
     )
 
 
@@ -120,11 +126,13 @@ def _failure_reason(error: Exception, free: int, bytes_needed: int) -> str:
         code = int(match.group(1))
     if code in _SPACE_ERRNOS:
         return f"{_SPACE_ERRNOS[code]} ({os.strerror(code)})"
-    if free < bytes_needed:
+    if code is None and free < bytes_needed:
         return f"the disk is full ({type(error).__name__}: {error})"
-    file_size_limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-    if file_size_limit != resource.RLIM_INFINITY:
-        return f"files are limited to {format_bytes(file_size_limit)} (`ulimit -f`) ({type(error).__name__}: {error})"
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0] if resource else None
+    limited = resource is not None and limit != resource.RLIM_INFINITY
+    if code == errno.EFBIG or (code is None and limited):
+        size = f" of {format_bytes(limit)}" if limited else ""
+        return f"a file would grow past the file-size limit{size} (`ulimit -f`)"
     return f"{type(error).__name__}: {error}"
 
 

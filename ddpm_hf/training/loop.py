@@ -281,9 +281,10 @@ def compile_or_eager(model: torch.nn.Module, unet_config: dict, config: Training
 
 
 def start_logging(run: Run):
-    """Save the config beside the model, start the trackers and describe the run."""
+    """Save the config beside the model (unless a pipeline is there: its record stays with it until the new one
+    replaces both), start the trackers and describe the run."""
     config, accelerator, data = run.config, run.accelerator, run.data
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and finished_step(Path(config.output_dir)) is None:
         Path(config.output_dir).mkdir(parents=True, exist_ok=True)
         write_run_record(run, Path(config.output_dir))
     accelerator.init_trackers("ddpm_hf", config=config.to_dict())

@@ -41,7 +41,6 @@ logger = get_logger(__name__)
 
 LOCK_FILE = ".training.lock"
 _NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
-_SEE_LOCK_SECONDS = 10  # how long other nodes wait for a network file system to show them the lock file
 
 
 class OutputDirLockedError(RuntimeError):
@@ -174,9 +173,10 @@ def read_owner(descriptor: int) -> dict:
     return owner if isinstance(owner, dict) else {}
 
 
-def check_sees_lock(path: Path, owner: dict, process_index: int):
-    """Raise `ValueError` unless this process reads, at `path`, the lock the main process wrote."""
-    deadline = time.monotonic() + _SEE_LOCK_SECONDS
+def check_sees_lock(path: Path, owner: dict, process_index: int, patience: float = 10.0):
+    """Raise `ValueError` unless this process reads, at `path`, the lock the main process wrote (waiting up to
+    `patience` seconds for a network file system to show it)."""
+    deadline = time.monotonic() + patience
     while True:
         try:
             if json.loads(path.read_text(encoding="utf-8")).get("run_id") == owner["run_id"]:
