@@ -6,7 +6,6 @@ continues it, and the finished run is bit-identical to one that was never interr
 kills) is `benchmarks/bench_faults.py`.
 """
 
-import hashlib
 import json
 import logging
 import os
@@ -18,7 +17,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import typing
 from collections.abc import Iterator
@@ -26,7 +24,6 @@ from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 from accelerate import PartialState
@@ -39,13 +36,13 @@ from ddpm_hf.training.checkpointing import COMPLETE_MARKER, file_sha256, find_ch
 from ddpm_hf.training.checks import check_disk_space
 from ddpm_hf.training.config import NUMBER_RANGES
 from ddpm_hf.training.run_lock import LOCK_FILE, acquire_lock, check_sees_lock
-from ddpm_hf.training.durable_io import TEMPORARY_SUFFIXES
 
-from test_training import assert_same_weights, make_config, saved_weights
-from test_training_cli import ENV, QUICK, TRAIN
+from fault_injection import (debris, fingerprint, finish, free_ports, kill_tree, lock_holder, train_process,
+                             two_machines, wait_for, worker_of)
 from hub_server import LocalHub, use_local_hub
+from test_training import assert_same_weights, make_config, saved_weights
+from test_training_cli import QUICK, TRAIN
 
-CRASH_AT = Path(__file__).with_name("crash_at.py")
 # The run every test here interrupts: 64 embedded digits, the micro UNet (dropout on), checkpoints every 4 steps.
 STEPS, EVERY = 12, 4
 FLAGS = [*QUICK, "--max_train_steps", str(STEPS), "--checkpointing_steps", str(EVERY), "--logging_steps", "2",
@@ -58,43 +55,6 @@ def run_config(output_dir: Path, **overrides) -> TrainingConfig:
     return make_config(output_dir, data={"max_train_samples": 64}, **{**settings, **overrides})
 
 
-def launch(output_dir: Path, *extra: str, crash_at: str | None = None, **popen) -> subprocess.Popen:
-    """examples/train.py with FLAGS, the same command line every time; `crash_at` SIGKILLs it at that call."""
-    command = [sys.executable, str(TRAIN), *FLAGS, "--output_dir", str(output_dir), *extra]
-    env = dict(ENV)
-    if crash_at is not None:
-        command.insert(1, str(CRASH_AT))
-        env["CRASH_AT"] = crash_at
-    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen)
-
-
-def finish(process: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
-    """Wait for `process`; its exit status and stderr. One that hangs is killed with its children, and fails."""
-    try:
-        _, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_tree(process)
-        pytest.fail(f"{process.args} hung; its stderr ends with:\n{process.communicate()[1][-3000:]}")
-    return process.returncode, stderr
-
-
-def kill_tree(process: subprocess.Popen):
-    for child in psutil.Process(process.pid).children(recursive=True):
-        child.kill()
-    process.kill()
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct free ports (held open together while they are chosen)."""
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
-
-
 @pytest.fixture
 def launched() -> Iterator[list[subprocess.Popen]]:
     """Processes to kill, with their children, if the test fails before they end."""
@@ -105,23 +65,9 @@ def launched() -> Iterator[list[subprocess.Popen]]:
             kill_tree(process)
 
 
-def lock_holder(output_dir: Path) -> int | None:
-    """The pid in output_dir's lock file, once a run has written it."""
-    try:
-        return json.loads((output_dir / LOCK_FILE).read_text())["pid"]
-    except (OSError, ValueError, KeyError):
-        return None
-
-
-def fingerprint(folder: Path) -> dict[str, tuple[str, int]]:
-    """Every file under `folder`: its sha256 and modification time (a rewrite with the same bytes shows too)."""
-    return {path.relative_to(folder).as_posix(): (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns)
-            for path in sorted(folder.rglob("*")) if path.is_file()}
-
-
-def debris(folder: Path) -> list[Path]:
-    """What interrupted saves leave: temporary names, and the lock of a run that did not end cleanly."""
-    return [path for path in folder.rglob(".*") if path.name.endswith(TEMPORARY_SUFFIXES) or path.name == LOCK_FILE]
+def launch(output_dir: Path, *extra: str, crash_at: str | None = None, **popen) -> subprocess.Popen:
+    """The same command line every time (FLAGS), as a scheduler would loop it."""
+    return train_process(output_dir, [*FLAGS, *extra], crash_at, **popen)
 
 
 @pytest.fixture(scope="module")
@@ -150,20 +96,16 @@ def test_sigkill_at_any_instant_resumes_to_the_same_weights_and_leaves_nothing_b
     # while the second tries, then SIGKILLed at a random instant after its first checkpoint.
     launches = {process.pid: process for process in (launch(output_dir), launch(output_dir))}
     launched += launches.values()
-    deadline = time.monotonic() + 180
-    while not (holder := launches.get(lock_holder(output_dir))):
-        assert time.monotonic() < deadline and all(p.poll() is None for p in launches.values()), \
-            [finish(p)[1][-2000:] for p in launches.values()]
-        time.sleep(0.005)
+    first = next(iter(launches.values()))
+    wait_for(lambda: lock_holder(output_dir) in launches, first)
+    holder = launches[lock_holder(output_dir)]
     holder.send_signal(signal.SIGSTOP)
     (other,) = set(launches.values()) - {holder}
     status, stderr = finish(other)
     assert status == 2 and "Traceback" not in stderr, stderr[-3000:]
     assert f"is in use by another training run: pid {holder.pid} on host {socket.gethostname()}" in stderr
     holder.send_signal(signal.SIGCONT)
-    while not (output_dir / "checkpoints" / f"checkpoint-{EVERY}").is_dir():
-        assert holder.poll() is None and time.monotonic() < deadline, finish(holder)[1][-3000:]
-        time.sleep(0.005)
+    wait_for((output_dir / "checkpoints" / f"checkpoint-{EVERY}").is_dir, holder)
     time.sleep(random.uniform(0, 0.1))
     holder.send_signal(signal.SIGKILL)
     assert finish(holder)[0] == -signal.SIGKILL
@@ -369,37 +311,14 @@ def test_a_process_that_does_not_see_the_output_dir_is_told_it_must_be_shared(tm
 # --- 6. two machines ----------------------------------------------------------------------------------------------
 
 
-def launch_two_machines(output_dir: Path, port: int, *extra: str) -> list[subprocess.Popen]:
-    """Two `accelerate launch` machines on localhost (one CPU process each, gloo), as a two-node cluster runs."""
-    env = {**ENV, "ACCELERATE_USE_CPU": "1"}
-    return [subprocess.Popen(
-        ["accelerate", "launch", "--multi_gpu", "--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip",
-         "127.0.0.1", "--main_process_port", str(port), "--num_processes", "2", "--mixed_precision", "no",
-         "--dynamo_backend", "no", str(TRAIN), *FLAGS, "--output_dir", str(output_dir), *extra],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
-
-
-def worker_of(launcher: subprocess.Popen) -> psutil.Process:
-    """The training process that an `accelerate launch` started (torchrun's worker, below the launcher)."""
-    deadline = time.monotonic() + 120
-    while not (workers := [child for child in psutil.Process(launcher.pid).children(recursive=True)
-                           if str(TRAIN) in child.cmdline()]):
-        assert launcher.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
-    return workers[0]
-
-
 def test_two_machines_stop_together_on_sigterm_and_resume_to_the_same_weights(tmp_path, launched):
     long = ["--max_train_steps", "40"]  # long enough to be stopped midway
     ports = free_ports(3)
-    reference = launch_two_machines(tmp_path / "uninterrupted", ports[0], *long)
-    stopped = launch_two_machines(tmp_path / "run", ports[1], *long)
+    reference = two_machines(tmp_path / "uninterrupted", ports[0], [*FLAGS, *long])
+    stopped = two_machines(tmp_path / "run", ports[1], [*FLAGS, *long])
     launched += reference + stopped
     node_1 = worker_of(stopped[1])
-    deadline = time.monotonic() + 180
-    while not (tmp_path / "run" / "checkpoints" / f"checkpoint-{EVERY}").is_dir():
-        assert stopped[0].poll() is None and time.monotonic() < deadline, stopped[0].communicate()[1][-3000:]
-        time.sleep(0.01)
+    wait_for((tmp_path / "run" / "checkpoints" / f"checkpoint-{EVERY}").is_dir, stopped[0])
     node_1.send_signal(signal.SIGTERM)  # a preemption notice to one machine only
     results = [finish(launcher) for launcher in stopped]
     assert [status for status, _ in results] == [0, 0], [stderr[-2000:] for _, stderr in results]
@@ -410,7 +329,7 @@ def test_two_machines_stop_together_on_sigterm_and_resume_to_the_same_weights(tm
     both = [state for state in states if state["global_step"] == newest]
     assert len(both) == 2 and both[0]["weights_sha256"] == both[1]["weights_sha256"]  # the same step, the same weights
 
-    launched += (resuming := launch_two_machines(tmp_path / "run", ports[2], *long))
+    launched += (resuming := two_machines(tmp_path / "run", ports[2], [*FLAGS, *long]))
     resumed = [finish(launcher) for launcher in resuming]
     assert [status for status, _ in resumed] == [0, 0], [stderr[-2000:] for _, stderr in resumed]
     assert f"at step {newest}" in resumed[0][1]

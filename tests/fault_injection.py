@@ -1,0 +1,119 @@
+"""Running examples/train.py as users do, and breaking it: for tests/test_training_faults.py and
+benchmarks/bench_faults.py.
+
+Processes: one run (`train_process`), SIGKILLed at an exact instant through `crash_at.py`, or two machines on
+localhost (`two_machines`: two `accelerate launch` with gloo). On disk: what a run leaves behind (`debris`), and
+a `fingerprint` that shows any file rewritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from ddpm_hf.training.durable_io import TEMPORARY_SUFFIXES
+from ddpm_hf.training.run_lock import LOCK_FILE
+
+from test_training_cli import ENV, TRAIN
+
+CRASH_AT = Path(__file__).with_name("crash_at.py")
+
+
+def train_process(output_dir: Path, flags: list[str], crash_at: str | None = None, **popen) -> subprocess.Popen:
+    """examples/train.py with `flags` into `output_dir`; `crash_at` ("module:function:N") SIGKILLs it at that call."""
+    command = [sys.executable, str(TRAIN), *flags, "--output_dir", str(output_dir)]
+    env = dict(ENV)
+    if crash_at is not None:
+        command.insert(1, str(CRASH_AT))
+        env["CRASH_AT"] = crash_at
+    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def two_machines(output_dir: Path, port: int, flags: list[str], output_dir_1: Path | None = None
+                 ) -> list[subprocess.Popen]:
+    """Two `accelerate launch` machines on localhost (one CPU process each, gloo), as a two-node cluster runs them;
+    machine 1 writes to `output_dir_1` if given (a node that does not share the main node's folder)."""
+    env = {**ENV, "ACCELERATE_USE_CPU": "1"}
+    return [subprocess.Popen(
+        ["accelerate", "launch", "--multi_gpu", "--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip",
+         "127.0.0.1", "--main_process_port", str(port), "--num_processes", "2", "--mixed_precision", "no",
+         "--dynamo_backend", "no", str(TRAIN), *flags, "--output_dir", str(folder)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for rank, folder in enumerate((output_dir, output_dir_1 or output_dir))]
+
+
+def finish(process: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
+    """Wait for `process`: its exit status and stderr. One that hangs is killed with its children, and raises."""
+    try:
+        _, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(process)
+        raise RuntimeError(f"{process.args} hung; its stderr ends with:\n{process.communicate()[1][-3000:]}") from None
+    return process.returncode, stderr
+
+
+def kill_tree(process: subprocess.Popen):
+    """SIGKILL `process` and everything it started."""
+    try:
+        for child in psutil.Process(process.pid).children(recursive=True):
+            child.kill()
+    except psutil.NoSuchProcess:
+        pass
+    process.kill()
+
+
+def worker_of(launcher: subprocess.Popen) -> psutil.Process:
+    """The training process that an `accelerate launch` started (torchrun's worker, below the launcher)."""
+    deadline = time.monotonic() + 120
+    while not (workers := [child for child in psutil.Process(launcher.pid).children(recursive=True)
+                           if str(TRAIN) in child.cmdline()]):
+        if launcher.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{launcher.args} started no worker")
+        time.sleep(0.05)
+    return workers[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports (held open together while they are chosen)."""
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 180, poll: float = 0.005):
+    """Poll `condition()` until true, while `process` runs."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{process.args} ended or stalled first:\n{finish(process)[1][-3000:]}")
+        time.sleep(poll)
+
+
+def lock_holder(output_dir: Path) -> int | None:
+    """The pid in output_dir's lock file, once a run has written it."""
+    try:
+        return json.loads((output_dir / LOCK_FILE).read_text())["pid"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def fingerprint(folder: Path) -> dict[str, tuple[str, int]]:
+    """Every file under `folder`: its sha256 and modification time (a rewrite with the same bytes shows too)."""
+    return {path.relative_to(folder).as_posix(): (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns)
+            for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def debris(folder: Path) -> list[Path]:
+    """What interrupted saves leave: temporary names, and the lock of a run that did not end cleanly."""
+    return [path for path in folder.rglob(".*") if path.name.endswith(TEMPORARY_SUFFIXES) or path.name == LOCK_FILE]
