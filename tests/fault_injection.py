@@ -73,11 +73,18 @@ def worker_of(launcher: subprocess.Popen) -> psutil.Process:
     """The training process that an `accelerate launch` started (torchrun's worker, below the launcher)."""
     deadline = time.monotonic() + 120
     while not (workers := [child for child in psutil.Process(launcher.pid).children(recursive=True)
-                           if str(TRAIN) in child.cmdline()]):
+                           if str(TRAIN) in command_line(child)]):
         if launcher.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"{launcher.args} started no worker")
         time.sleep(0.05)
     return workers[0]
+
+
+def command_line(process: psutil.Process) -> list[str]:
+    try:
+        return process.cmdline()
+    except psutil.Error:  # it ended meanwhile
+        return []
 
 
 def free_ports(count: int) -> list[int]:

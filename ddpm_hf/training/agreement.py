@@ -37,11 +37,14 @@ def decided_by_main(accelerator: Accelerator, decide: Callable[[], T]) -> T:
 def all_or_none(accelerator: Accelerator, failure: Callable[[Exception], Exception],
                 cleanup: Callable[[], None] | None = None) -> Iterator[None]:
     """Run the block on every process; if it raises on any, `cleanup()` on the main process and raise
-    `failure(error)` (built where it happened) on all of them, chained to the error where there is one."""
+    `failure(error)` (built where it happened, after a cleanup there) on all of them, chained to the error where
+    there is one."""
     error = raised = None
     try:
         yield
     except Exception as caught:
+        if cleanup is not None and accelerator.is_main_process:
+            cleanup()
         error, raised = caught, failure(caught)
     raised_anywhere = [raised]
     if accelerator.num_processes > 1:

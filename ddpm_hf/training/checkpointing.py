@@ -231,11 +231,13 @@ def save_checkpoint(
     `weights` names hashes of this process's weights (see [`weights_sha256`]), recorded so that anyone can
     check that every process held the same ones; `parameter_names` name the EMA's tensors. If any process
     fails to write, the temporary folder is removed and every process raises `WriteFailedError`, saying how
-    much space (`size_estimate` bytes) the checkpoint needs.
+    much space the checkpoint needs (as much as the previous one, or else `size_estimate` bytes).
     """
     folder = Path(output_dir) / CHECKPOINTS_DIR
     final = folder / f"checkpoint-{progress.global_step}"
     temporary = folder / f".{final.name}.tmp"
+    if previous := list_checkpoints(output_dir):  # a better estimate than the model's size
+        size_estimate = sum(path.stat().st_size for path in previous[-1].iterdir() if path.is_file())
     agreed = dict(failure=lambda error: write_failure(f"checkpoint {final.name}", folder, error, size_estimate),
                   cleanup=lambda: shutil.rmtree(temporary, ignore_errors=True))
     with all_or_none(accelerator, **agreed):

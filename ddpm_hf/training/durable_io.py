@@ -127,7 +127,7 @@ def _failure_reason(error: Exception, free: int, bytes_needed: int) -> str:
     if code in _SPACE_ERRNOS:
         return f"{_SPACE_ERRNOS[code]} ({os.strerror(code)})"
     if code is None and free < bytes_needed:
-        return f"the disk is full ({type(error).__name__}: {error})"
+        return "the disk is full"  # PyTorch's writer says only "unexpected pos"
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0] if resource else None
     limited = resource is not None and limit != resource.RLIM_INFINITY
     if code == errno.EFBIG or (code is None and limited):

@@ -73,4 +73,4 @@ def finished_step(output_dir: Path) -> int | None:
 
 def pipeline_bytes(unet: torch.nn.Module, with_raw_weights: bool) -> int:
     """About how many bytes the saved pipeline takes: the EMA weights, the raw ones beside them, the grids."""
-    return weights_bytes(unet) * (1 + with_raw_weights) + 1024 * 1024
+    return weights_bytes(unet) * (1 + with_raw_weights) + 256 * 1024  # + configs, card, sample grid
