@@ -93,12 +93,16 @@ def find_checkpoint(output_dir: str | Path, resume_from_checkpoint: str | None) 
     if resume_from_checkpoint is None:
         return None
     if resume_from_checkpoint == "latest":
-        for checkpoint in reversed(list_checkpoints(output_dir)):
+        checkpoints = list_checkpoints(output_dir)
+        for checkpoint in reversed(checkpoints):
             try:
                 verify_checkpoint(checkpoint)
                 return checkpoint
             except CorruptCheckpointError as error:
                 logger.warning(f"Skipping {checkpoint.name}, which cannot be resumed: {error}.")
+        if checkpoints:
+            logger.warning(f"No checkpoint in {Path(output_dir) / CHECKPOINTS_DIR} can be resumed: training starts "
+                           "from step 0.")
         return None
     path = Path(resume_from_checkpoint)
     if not any((path / name).is_file() for name in (COMPLETE_MARKER, "train_state_0.json")):
