@@ -24,10 +24,13 @@ from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from accelerate import PartialState
 from huggingface_hub import HfApi
+from PIL import Image
+from sklearn.datasets import load_digits
 
 import ddpm_hf
 from ddpm_hf.hub import HubPushError
@@ -336,6 +339,19 @@ def test_two_machines_stop_together_on_sigterm_and_resume_to_the_same_weights(tm
     assert [finish(launcher)[0] for launcher in reference] == [0, 0]
     assert_same_weights(saved_weights(tmp_path / "run"), saved_weights(tmp_path / "uninterrupted"))
     assert_same_weights(saved_weights(tmp_path / "run", "unet_raw"), saved_weights(tmp_path / "uninterrupted", "unet_raw"))
+
+
+# --- bad images: skipped, and counted where the run is described ---------------------------------------------------
+
+
+def test_skipped_images_are_counted_in_the_run_record(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index, image in enumerate(load_digits().images[:16]):
+        Image.fromarray((image * 255 / 16).astype(np.uint8)).save(folder / f"{index:02d}.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n and then nothing")
+    train(make_config(tmp_path / "run", folder, max_train_steps=2, data={"skip_bad_images": True}))
+    assert json.loads((tmp_path / "run" / "training_config.json").read_text())["skipped_images"] == 1
 
 
 # --- bad numbers ----------------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ logger = get_logger(__name__)
 
 LOCK_FILE = ".training.lock"
 _NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+_ORPHAN_SECONDS = 15  # how long the forked children of a dead holder may keep its lock
 
 
 class OutputDirLockedError(RuntimeError):
@@ -123,14 +124,22 @@ def acquire_lock(path: Path) -> RunLock:
 def lock_file(descriptor: int, path: Path):
     """flock `descriptor`, or where there is no flock, refuse if the pid in the file may be alive."""
     if fcntl is not None:
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            raise OutputDirLockedError(in_use_message(path, read_owner(descriptor))) from None
-        except OSError as error:
-            if error.errno not in _NO_FLOCK:
-                raise
+        orphans_gone_by = time.monotonic() + _ORPHAN_SECONDS
+        while True:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                # A holder that died leaves its lock to the processes it forked (DataLoader workers), which notice
+                # and exit within seconds; a live holder is refused at once.
+                owner = read_owner(descriptor)
+                if may_be_alive(owner) or time.monotonic() > orphans_gone_by:
+                    raise OutputDirLockedError(in_use_message(path, owner)) from None
+                time.sleep(0.2)
+            except OSError as error:
+                if error.errno not in _NO_FLOCK:
+                    raise
+                break
     owner = read_owner(descriptor)
     if owner and may_be_alive(owner):
         raise OutputDirLockedError(in_use_message(path, owner))
