@@ -18,6 +18,10 @@ disk   A 3 MB tmpfs (mounted in a user and mount namespace, `unshare -rm`, where
 nodes  Two `accelerate launch` machines on localhost (gloo): an uninterrupted run; a run whose node-1 worker gets
        SIGTERM, resumed; a run whose node-1 launcher gets SIGTERM (torchrun passes it on), resumed; a node 1 that
        writes to a folder the main node does not share. Reported: exit statuses, stop steps, bit-identity.
+power  A power loss cannot be staged here; what makes a rename survive one can be watched: a run under strace,
+       whose every publishing rename (of a temporary checkpoint folder, staged pipeline entry or temporary file)
+       must come after an fsync of each file under it and of the folder, and be followed by an fsync of the
+       folder it lands in. Reported: the renames checked and any order broken. (The same check is in the tests.)
 fsync  `save_checkpoint` of the `tiny` UNet (the README main job's: 1.1M parameters, 18 MB a checkpoint), with
        and without fsync, interleaved; and the fsync of a saved pipeline. Measured on --dir (default: a temporary
        folder). The main job saves 2 checkpoints and 1 pipeline in about 345 s.
@@ -43,8 +47,8 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from common import Clock, interleave  # noqa: E402
-from fault_injection import (debris, fingerprint, finish, free_ports, kill_tree, train_process,  # noqa: E402
-                             two_machines, wait_for, worker_of)
+from fault_injection import (check_publishing_order, debris, fingerprint, finish, free_ports, kill_tree,  # noqa: E402
+                             train_process, two_machines, wait_for, worker_of)
 from test_training_cli import QUICK  # noqa: E402
 
 from ddpm_hf.training.checkpointing import list_checkpoints, verify_checkpoint  # noqa: E402
@@ -239,6 +243,17 @@ def launcher_status(launcher: subprocess.Popen, patience: float = 30) -> int | s
         return f"still running {patience:g} s after its worker ended (torchrun's exit barrier); killed"
 
 
+# --- power ----------------------------------------------------------------------------------------------------------
+
+def power(folder: Path) -> dict:
+    if shutil.which("strace") is None:
+        return {"skipped": "no strace"}
+    trace = folder / "syscalls.txt"
+    flags = [*FLAGS, "--max_train_steps", "12", "--checkpoints_total_limit", "100"]  # every published folder stays
+    status, _ = finish(train_process(folder / "run", flags, strace_to=trace))
+    return {"status": status, **check_publishing_order(trace.read_text().splitlines(), str(folder / "run"))}
+
+
 # --- fsync ----------------------------------------------------------------------------------------------------------
 
 
@@ -300,8 +315,8 @@ def fsync_cost(folder: Path, rounds: int) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", nargs="+", default=["chaos", "disk", "nodes", "fsync"],
-                        choices=["chaos", "disk", "nodes", "fsync"])
+    parser.add_argument("--parts", nargs="+", default=["chaos", "disk", "nodes", "power", "fsync"],
+                        choices=["chaos", "disk", "nodes", "power", "fsync"])
     parser.add_argument("--kills", type=int, default=24, help="SIGKILLs in the chaos part (default: 24)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the random kill instants")
     parser.add_argument("--rounds", type=int, default=10, help="timed saves each way in the fsync part")
@@ -322,6 +337,8 @@ def main():
                 report[part] = disk(scratch / part)
             elif part == "nodes":
                 report[part] = nodes(scratch / part)
+            elif part == "power":
+                report[part] = power(scratch / part)
             else:
                 folder = Path(tempfile.mkdtemp(dir=args.dir)) if args.dir else scratch / part
                 report[part] = fsync_cost(folder, args.rounds)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import socket
 import subprocess
 import sys
@@ -24,15 +26,22 @@ from ddpm_hf.training.run_lock import LOCK_FILE
 from test_training_cli import ENV, TRAIN
 
 CRASH_AT = Path(__file__).with_name("crash_at.py")
+TRACED_CALLS = ("rename", "renameat", "renameat2", "fsync")
+SYSCALL = re.compile(r'^\d+\s+(?P<call>rename|renameat2?|fsync)\((?P<args>.*)\)\s+= 0')  # the calls that succeeded
 
 
-def train_process(output_dir: Path, flags: list[str], crash_at: str | None = None, **popen) -> subprocess.Popen:
-    """examples/train.py with `flags` into `output_dir`; `crash_at` ("module:function:N") SIGKILLs it at that call."""
+def train_process(output_dir: Path, flags: list[str], crash_at: str | None = None, strace_to: Path | None = None,
+                  **popen) -> subprocess.Popen:
+    """examples/train.py with `flags` into `output_dir`; `crash_at` ("module:function:N") SIGKILLs it at that call;
+    `strace_to` records its file-system syscalls there (see `check_publishing_order`)."""
     command = [sys.executable, str(TRAIN), *flags, "--output_dir", str(output_dir)]
     env = dict(ENV)
     if crash_at is not None:
         command.insert(1, str(CRASH_AT))
         env["CRASH_AT"] = crash_at
+    if strace_to is not None:
+        command = ["strace", "-f", "-qq", "-y", "-e", f"trace={','.join(TRACED_CALLS)}", "-e", "signal=none", "-o",
+                   str(strace_to), *command]
     return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen)
 
 
@@ -124,3 +133,39 @@ def fingerprint(folder: Path) -> dict[str, tuple[str, int]]:
 def debris(folder: Path) -> list[Path]:
     """What interrupted saves leave: temporary names, and the lock of a run that did not end cleanly."""
     return [path for path in folder.rglob(".*") if path.name.endswith(TEMPORARY_SUFFIXES) or path.name == LOCK_FILE]
+
+
+def check_publishing_order(lines: list[str], output_dir: str) -> dict:
+    """Replay a finished run's syscalls (`strace_to`): each rename that publishes something (a temporary checkpoint
+    folder, a staged pipeline entry, a temporary file) must come after an fsync of every file it holds (as found
+    where it landed) and of the folder, and be followed by an fsync of the folder it lands in before any rename
+    elsewhere (the entries of one pipeline land in one folder, fsynced after the last)."""
+    synced, unsynced_parents, violations, checked = set(), {}, [], 0
+    for line in lines:
+        if not (match := SYSCALL.match(line)) or output_dir not in line:
+            continue
+        if match["call"] == "fsync":
+            path = re.search(r"<(.+)>", match["args"]).group(1)
+            synced.add(path)
+            unsynced_parents.pop(path, None)
+            continue
+        source, target = re.findall(r'"([^"]+)"', match["args"])[-2:]
+        name, parent = os.path.basename(source), os.path.dirname(source)
+        inside_staging = parent.endswith(".tmp") and os.path.dirname(target) == parent  # fsynced when published
+        if inside_staging or not ((name.startswith(".") and name.endswith(".tmp")) or parent.endswith(".final.tmp")):
+            continue  # a rename inside a folder that is published later, or a folder moved aside
+        checked += 1
+        staged_entry = parent.endswith(".final.tmp")  # the entries of one pipeline, fsynced after the last
+        pending = {folder: earlier for folder, earlier in unsynced_parents.items()
+                   if not (staged_entry and os.path.dirname(earlier).endswith(".final.tmp"))}
+        violations += [f"{folder} not fsynced after {earlier} was renamed into it, before the next rename"
+                       for folder, earlier in pending.items()]
+        unsynced_parents = {folder: earlier for folder, earlier in unsynced_parents.items() if folder not in pending}
+        held = [os.path.join(source, path.relative_to(target)) for path in Path(target).rglob("*")]
+        missing = [path for path in [source, *held] if path not in synced]
+        if missing:
+            violations.append(f"{source} renamed before fsync of {', '.join(sorted(missing)[:3])}")
+        unsynced_parents[os.path.dirname(target)] = source
+    violations += [f"{folder} not fsynced after {source} was renamed into it" for folder, source in
+                   unsynced_parents.items()]
+    return {"publishing_renames_checked": checked, "violations": violations, "protocol_kept": not violations}

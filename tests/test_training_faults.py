@@ -11,6 +11,7 @@ import logging
 import os
 import pickle
 import random
+import re
 import resource
 import runpy
 import shutil
@@ -40,8 +41,8 @@ from ddpm_hf.training.checks import check_disk_space
 from ddpm_hf.training.config import NUMBER_RANGES
 from ddpm_hf.training.run_lock import LOCK_FILE, acquire_lock, check_sees_lock
 
-from fault_injection import (debris, fingerprint, finish, free_ports, kill_tree, lock_holder, train_process,
-                             two_machines, wait_for, worker_of)
+from fault_injection import (check_publishing_order, debris, fingerprint, finish, free_ports, kill_tree, lock_holder,
+                             train_process, two_machines, wait_for, worker_of)
 from hub_server import LocalHub, use_local_hub
 from test_training import assert_same_weights, make_config, saved_weights
 from test_training_cli import QUICK, TRAIN
@@ -75,9 +76,16 @@ def launch(output_dir: Path, *extra: str, crash_at: str | None = None, **popen) 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
-    """The uninterrupted run, in-process: the final weights every interrupted run must reach, bit for bit."""
+    """The uninterrupted run (every checkpoint kept): the final weights every interrupted run must reach, bit for
+    bit. Where strace is installed, it runs under it, and its syscalls are kept beside it (see the power-loss test)."""
     output_dir = tmp_path_factory.mktemp("reference") / "run"
-    train(run_config(output_dir, checkpoints_total_limit=None))
+    if shutil.which("strace") is None:
+        train(run_config(output_dir, checkpoints_total_limit=None))
+        return output_dir
+    traced = train_process(output_dir, [*FLAGS, "--checkpoints_total_limit", "100"],
+                           strace_to=output_dir.with_name("syscalls.txt"))
+    status, stderr = finish(traced)
+    assert status == 0, stderr[-3000:]
     return output_dir
 
 
@@ -132,6 +140,23 @@ def test_sigkill_at_any_instant_resumes_to_the_same_weights_and_leaves_nothing_b
     train(run_config(output_dir, resume_from_checkpoint="latest"))  # the same run, once more: already finished
     assert f"is finished (step {STEPS} of {STEPS})" in caplog.text
     assert fingerprint(output_dir) == before and debris(output_dir) == []
+
+
+# --- 2. power loss: what makes a rename durable, seen in the syscalls ---------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="watches the syscalls with strace")
+def test_every_publishing_rename_comes_after_fsync_of_its_files_and_before_fsync_of_its_folder(reference):
+    # A power loss cannot be staged in a test; the protocol that makes a checkpoint survive one can be checked:
+    # each checkpoint folder, staged pipeline entry and temporary file is renamed only after every file under it
+    # and the folder itself were fsynced, and the folder it lands in is fsynced after.
+    syscalls = reference.with_name("syscalls.txt").read_text().splitlines()
+    checked = check_publishing_order(syscalls, str(reference))
+    assert checked["violations"] == []
+    # 3 checkpoints, the run record, and the pipeline's 7 entries (its record written through a temporary file too).
+    assert checked["publishing_renames_checked"] >= 3 + 1 + 7
+    commits = [line for line in syscalls if re.search(r'rename\w*\(.*\.checkpoint-\d+\.tmp", ', line)]
+    assert len(commits) == STEPS // EVERY
 
 
 # --- 3. corrupt checkpoints; 8. untrusted checkpoints ----------------------------------------------------------------
