@@ -248,6 +248,7 @@ def launcher_status(launcher: subprocess.Popen, patience: float = 30) -> int | s
 def power(folder: Path) -> dict:
     if shutil.which("strace") is None:
         return {"skipped": "no strace"}
+    folder.mkdir(parents=True)
     trace = folder / "syscalls.txt"
     flags = [*FLAGS, "--max_train_steps", "12", "--checkpoints_total_limit", "100"]  # every published folder stays
     status, _ = finish(train_process(folder / "run", flags, strace_to=trace))
