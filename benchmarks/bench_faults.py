@@ -137,7 +137,8 @@ def chaos(folder: Path, kills: int, rng: random.Random) -> dict:
         rounds.append({"launches": log, "bit_identical": identical(run, folder / "reference"),
                        "left_behind": leftovers, "checkpoints_intact": all_intact(run)})
     kinds = sorted({how.split(",")[0].split(" (")[0] for how in killed})
-    return {"kills": len(killed), "kills_by_instant": {kind: sum(how.startswith(kind) for how in killed) for kind in kinds},
+    by_instant = {kind: sum(how.startswith(kind) for how in killed) for kind in kinds}
+    return {"kills": len(killed), "kills_by_instant": by_instant,
             "kills_survived": sum(len([x for x in r["launches"] if x["status"] < 0])
                                                         for r in rounds if r["bit_identical"]),
             "all_bit_identical": all(r["bit_identical"] for r in rounds), "rounds": rounds,
@@ -178,7 +179,8 @@ def disk_inside(folder: Path):
         after = fingerprint(run)
         report.update(
             status=status,
-            error=next((line.split(" train: ", 1)[1] for line in stderr.splitlines() if " ERROR train: " in line), None),
+            error=next((line.split(" train: ", 1)[1] for line in stderr.splitlines() if " ERROR train: " in line),
+                       None),
             preflight_warning=next((line[line.index("--output_dir"):] for line in stderr.splitlines()
                                     if "free, but this run writes about" in line), None),
             older_files_intact=all(after.get(name) == value for name, value in before.items()),

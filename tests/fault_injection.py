@@ -126,7 +126,8 @@ def lock_holder(output_dir: Path) -> int | None:
 
 def fingerprint(folder: Path) -> dict[str, tuple[str, int]]:
     """Every file under `folder`: its sha256 and modification time (a rewrite with the same bytes shows too)."""
-    return {path.relative_to(folder).as_posix(): (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns)
+    return {path.relative_to(folder).as_posix(): (hashlib.sha256(path.read_bytes()).hexdigest(),
+                                                  path.stat().st_mtime_ns)
             for path in sorted(folder.rglob("*")) if path.is_file()}
 
 

@@ -114,8 +114,9 @@ def find_checkpoint(output_dir: str | Path, resume_from_checkpoint: str | None) 
     try:
         verify_checkpoint(path)
     except CorruptCheckpointError as error:
-        raise CorruptCheckpointError(error.file, f"{error.reason}: --resume_from_checkpoint {path} cannot be "
-                                     "resumed. Pass an older checkpoint, or 'latest' for the newest intact one") from None
+        advice = "Pass an older checkpoint, or 'latest' for the newest intact one"
+        raise CorruptCheckpointError(
+            error.file, f"{error.reason}: --resume_from_checkpoint {path} cannot be resumed. {advice}") from None
     return path
 
 

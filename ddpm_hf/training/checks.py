@@ -112,8 +112,9 @@ def check_disk_space(config: TrainingConfig, checkpoint_bytes: int, pipeline_byt
     free = shutil.disk_usage(output_dir).free
     if free < needed:
         logger.warning(
-            f"--output_dir {output_dir} has {format_bytes(free)} free, but this run writes about {format_bytes(needed)} "
-            f"(a checkpoint takes about {format_bytes(checkpoint_bytes)}, the pipeline {format_bytes(pipeline_bytes)}): "
+            f"--output_dir {output_dir} has {format_bytes(free)} free, but this run writes about "
+            f"{format_bytes(needed)} (a checkpoint takes about {format_bytes(checkpoint_bytes)}, the pipeline "
+            f"{format_bytes(pipeline_bytes)}): "
             "it may stop with an error at the first save that does not fit. Free some space, lower "
             "--checkpoints_total_limit, or choose another --output_dir."
         )
