@@ -103,7 +103,7 @@ def chaos(folder: Path, kills: int, rng: random.Random) -> dict:
     status, stderr = finish(train_process(folder / "reference", FLAGS))
     assert status == 0, stderr[-3000:]
     lifetime = time.perf_counter() - started
-    rounds, killed, exact_index = [], [], 0
+    rounds, killed, pending = [], [], []
     while len(killed) < kills:
         run = folder / f"round-{len(rounds)}"
         log = []
@@ -117,17 +117,20 @@ def chaos(folder: Path, kills: int, rng: random.Random) -> dict:
                 except subprocess.TimeoutExpired:
                     process.send_signal(signal.SIGKILL)
             elif len(killed) < kills:
-                what, target = EXACT_KILLS[exact_index % len(EXACT_KILLS)]
-                exact_index += 1
-                while resumes_at >= STEPS and EXACT_KILLS.index((what, target)) < 5:  # nothing left to checkpoint
-                    what, target = EXACT_KILLS[exact_index % len(EXACT_KILLS)]
-                    exact_index += 1
+                # Every instant in turn; past the last checkpoint, only those of the final save can come.
+                fits = [kill for kill in pending if resumes_at < STEPS or EXACT_KILLS.index(kill) >= 5]
+                if not fits:
+                    pending += EXACT_KILLS
+                    fits = [kill for kill in pending if resumes_at < STEPS or EXACT_KILLS.index(kill) >= 5]
+                what, target = fits[0]
+                pending.remove(fits[0])
                 crash_at = target((STEPS - resumes_at) // EVERY)
                 how, process = f"{what} ({crash_at})", train_process(run, FLAGS, crash_at=crash_at)
             else:
                 how, process = "not killed", train_process(run, FLAGS)
             status, stderr = finish(process)
-            log.append({"resumed_at_step": resumes_at, "kill": how, "status": status})
+            log.append({"resumed_at_step": resumes_at, "kill": how, "status": status,
+                        "found_it_finished": "is finished (step" in stderr})  # a kill after the pipeline was saved
             if status == -signal.SIGKILL:
                 killed.append(how)
                 continue
