@@ -32,6 +32,8 @@ Usage (see `use_local_hub` for pointing an already-imported huggingface_hub at i
     with LocalHub(tmp_path, tokens={"hf_alice": "alice"}) as hub:
         hub.url                               # http://127.0.0.1:<free port>
         hub.fail_next("commit", status=500)   # the next commit request fails
+        hub.fail_next("preupload", status=RESET)  # the next preupload request: the connection is reset
+        released = hub.hold_next("commit")    # the next commit request waits until released.set()
         hub.requests                          # [(method, path), ...] received so far
 """
 
@@ -44,6 +46,8 @@ import hashlib
 import itertools
 import json
 import re
+import socket
+import struct
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -57,6 +61,7 @@ LFS_SIZE_THRESHOLD = 10 * 1024 * 1024
 GITATTRIBUTES = "".join(f"{pattern} filter=lfs diff=lfs merge=lfs -text\n" for pattern in LFS_PATTERNS)
 
 REPO_PATH = r"(?P<repo>[\w.-]+/[\w.-]+)"
+RESET = "reset"  # a `fail_next` status: close the connection with a TCP reset instead of answering
 
 
 class HubError(Exception):
@@ -136,7 +141,8 @@ class LocalHub:
         self.page_size = page_size
         self.repos: dict[str, Repo] = {}
         self.requests: list[tuple[str, str]] = []
-        self._failures: dict[str, list[int]] = {}
+        self._failures: dict[str, list[int | str]] = {}
+        self._holds: dict[str, list[threading.Event]] = {}
         self._commit_counter = itertools.count()
         self._lock = threading.RLock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
@@ -167,15 +173,29 @@ class LocalHub:
     def __exit__(self, *exc_info) -> None:
         self.stop()
 
-    def fail_next(self, route: str, times: int = 1, status: int = 500) -> None:
+    def fail_next(self, route: str, times: int = 1, status: int | str = 500) -> None:
         """Answers the next `times` requests to `route` (a `_Handler.ROUTES` name, e.g. "commit",
-        "lfs_upload", "preupload") with an HTTP `status` error, before touching any state."""
+        "lfs_upload", "preupload") with an HTTP `status` error, or with `RESET` by resetting the
+        connection, before touching any state."""
         with self._lock:
             self._failures.setdefault(route, []).extend([status] * times)
 
-    def pop_failure(self, route: str) -> int | None:
+    def pop_failure(self, route: str) -> int | str | None:
         with self._lock:
             pending = self._failures.get(route)
+            return pending.pop(0) if pending else None
+
+    def hold_next(self, route: str) -> threading.Event:
+        """Makes the next request to `route` wait, before touching any state, until the returned event is set:
+        the moment to kill a client in the middle of a request. The request is then served as usual."""
+        released = threading.Event()
+        with self._lock:
+            self._holds.setdefault(route, []).append(released)
+        return released
+
+    def pop_hold(self, route: str) -> threading.Event | None:
+        with self._lock:
+            pending = self._holds.get(route)
             return pending.pop(0) if pending else None
 
     # --- Stored objects -------------------------------------------------------------------------
@@ -259,7 +279,11 @@ class _Handler(BaseHTTPRequestHandler):
             for route_method, name, pattern in self.ROUTES:
                 match = re.fullmatch(pattern, url.path)
                 if route_method == method and match:
-                    if (status := self.hub.pop_failure(name)) is not None:
+                    if (released := self.hub.pop_hold(name)) is not None:
+                        released.wait()
+                    if (status := self.hub.pop_failure(name)) == RESET:
+                        return self._reset_connection()
+                    if status is not None:
                         raise HubError(status, f"Injected failure of {name}")
                     params = {key: unquote(value) for key, value in match.groupdict().items() if value is not None}
                     with self.hub._lock:
@@ -274,6 +298,12 @@ class _Handler(BaseHTTPRequestHandler):
     do_GET = do_HEAD = do_POST = do_PUT = _dispatch
 
     # --- Request and response plumbing ----------------------------------------------------------
+
+    def _reset_connection(self) -> None:
+        """Drop the connection with a TCP RST (SO_LINGER 0), as a crashing proxy or server does."""
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.close_connection = True
+        self.connection.close()
 
     def _read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":

@@ -6,9 +6,11 @@ import json
 import logging
 import re
 import runpy
+import signal
 import socket
 import subprocess
 import sys
+import time
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -27,7 +29,7 @@ from ddpm_hf.hub import HubPushError, files_to_upload, push_to_hub, render_model
 from ddpm_hf.training import DataConfig, TrainingConfig
 
 from helpers import make_pipeline, sample
-from hub_server import LocalHub, use_local_hub
+from hub_server import RESET, LocalHub, use_local_hub
 
 ALICE_TOKEN = "hf_test_alice_4f1c9e2b7d"
 BOB_TOKEN = "hf_test_bob_8a3e51c0f6"
@@ -212,11 +214,11 @@ def test_private_repo_refuses_requests_without_the_owners_token(hub, run_dir, pi
     np.testing.assert_allclose(sample(quiet(loaded)), sample(pipeline), atol=1e-5)
 
 
-def test_token_is_never_written_uploaded_or_logged(hub, run_dir, caplog, capfd):
+def test_token_is_never_written_uploaded_or_logged(hub, run_dir, caplog, capfd, fast_retries):
     caplog.set_level(logging.DEBUG)
     push_to_hub(run_dir, "alice/secret-ddpm", private=True, token=ALICE_TOKEN)
     assert cli_main(["push", str(run_dir), "alice/secret-ddpm", "--token", ALICE_TOKEN]) == 0
-    hub.fail_next("create_repo")
+    hub.fail_next("create_repo", times=fast_retries)  # and the retries' warnings must not show it either
     with pytest.raises(HubPushError) as failure:
         push_to_hub(run_dir, "alice/secret-ddpm", token=ALICE_TOKEN)
 
@@ -314,9 +316,20 @@ def test_hand_written_card_is_kept_unless_forced(tmp_path, pipeline, capsys):
 # --- Failures ----------------------------------------------------------------------------------------------------
 
 
-def test_failure_mid_upload_is_clear_keeps_local_files_and_a_retry_finishes(hub, run_dir):
+@pytest.fixture
+def fast_retries(monkeypatch):
+    """The push's backoff, shortened from 1, 2, 4, 8 s: the number of tries stays."""
+    monkeypatch.setattr(ddpm_hf.hub.push, "RETRY_DELAYS_SECONDS", (0.01, 0.02, 0.04, 0.08))
+    return len(ddpm_hf.hub.push.RETRY_DELAYS_SECONDS) + 1
+
+
+def commit_requests(hub) -> int:
+    return sum(1 for method, path in hub.requests if method == "POST" and "/commit/" in path)
+
+
+def test_failure_mid_upload_is_clear_keeps_local_files_and_a_retry_finishes(hub, run_dir, fast_retries):
     before = fingerprint(run_dir)
-    hub.fail_next("commit", status=500)  # the weights are uploaded, then the commit fails
+    hub.fail_next("commit", times=fast_retries, status=500)  # the weights are uploaded, then every commit fails
 
     with pytest.raises(HubPushError) as failure:
         push_to_hub(run_dir, "alice/ddpm-tiny", token=ALICE_TOKEN)
@@ -328,6 +341,7 @@ def test_failure_mid_upload_is_clear_keeps_local_files_and_a_retry_finishes(hub,
     assert {name: after[name] for name in before} == before and set(after) - set(before) == {"README.md"}
     uploads = [path for method, path in hub.requests if method == "PUT"]
     assert len(uploads) == 2  # the weights and samples.png
+    assert commit_requests(hub) == fast_retries  # tried a bounded number of times
 
     push_to_hub(run_dir, "alice/ddpm-tiny", token=ALICE_TOKEN)
 
@@ -341,6 +355,45 @@ def test_a_transient_upload_error_is_retried_by_the_client(hub, run_dir):
     push_to_hub(run_dir, "alice/ddpm-tiny", token=ALICE_TOKEN)
 
     assert "samples.png" in HfApi().list_repo_files("alice/ddpm-tiny")
+
+
+def test_transient_failures_and_reset_connections_are_retried_with_backoff(hub, run_dir, fast_retries, caplog):
+    hub.fail_next("commit", status=RESET)  # a proxy dropping the connection, then an overloaded Hub
+    hub.fail_next("commit", times=2, status=503)
+
+    commit = push_to_hub(run_dir, "alice/ddpm-tiny", token=ALICE_TOKEN)
+
+    assert commit_requests(hub) == 4
+    retries = [record.message for record in caplog.records if "trying again in" in record.message]
+    assert len(retries) == 3 and "Connection reset" in retries[0] and "503" in retries[1]
+    assert ALICE_TOKEN not in caplog.text
+    api = HfApi()
+    assert [c.commit_id for c in api.list_repo_commits("alice/ddpm-tiny")][0] == commit.oid
+    assert PIPELINE_FILES <= set(api.list_repo_files("alice/ddpm-tiny"))
+
+
+def test_a_push_killed_midway_changes_nothing_and_the_same_push_completes_it(hub, run_dir, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", ALICE_TOKEN)
+    released = hub.hold_next("lfs_upload")  # the first upload waits: the push is caught in the middle
+    push = subprocess.Popen([sys.executable, "-m", "ddpm_hf.cli", "push", str(run_dir), "alice/killed"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(method == "PUT" for method, _ in hub.requests):
+            assert push.poll() is None and time.monotonic() < deadline, push.stderr.read()
+            time.sleep(0.02)
+        push.send_signal(signal.SIGKILL)
+        push.wait(timeout=30)
+    finally:
+        released.set()
+    api = HfApi(token=ALICE_TOKEN)
+    assert [c.title for c in api.list_repo_commits("alice/killed")] == ["initial commit"]  # nothing half-pushed
+
+    commit = push_to_hub(run_dir, "alice/killed", token=ALICE_TOKEN)
+
+    commits = api.list_repo_commits("alice/killed")
+    assert [c.commit_id for c in commits] == [commit.oid, commits[1].commit_id]  # one commit, with everything
+    assert set(api.list_repo_files("alice/killed")) == PIPELINE_FILES | {"README.md", "samples.png", ".gitattributes"}
 
 
 def test_unreachable_hub_is_a_clear_error(run_dir, monkeypatch, tmp_path):

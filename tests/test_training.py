@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from accelerate import PartialState
 from PIL import Image
 from safetensors.torch import load_file
 from sklearn.datasets import load_digits
@@ -186,7 +187,7 @@ def test_streaming_run_resumes_where_the_stream_stopped(tmp_path, digit_folder):
     resumed = tmp_path / "resumed"
     train(make_config(resumed, digit_folder, resume_from_checkpoint=str(uninterrupted / "checkpoints/checkpoint-3"),
                       **settings))
-    assert (uninterrupted / "checkpoints/checkpoint-3/data_state_0.pt").is_file()
+    assert (uninterrupted / "checkpoints/checkpoint-3/data_state_0.json").is_file()
     assert_same_weights(saved_weights(resumed), saved_weights(uninterrupted))
 
 
@@ -300,12 +301,14 @@ def test_a_launch_whose_processes_do_not_see_each_other_is_refused(tmp_path, mon
         train(make_config(tmp_path / "out"))
 
 
-def test_latest_ignores_half_written_checkpoints(tmp_path):
+def test_latest_ignores_half_written_checkpoints(tmp_path, caplog):
+    PartialState()  # Accelerate's logger, which find_checkpoint warns through, needs it
     checkpoints = tmp_path / "checkpoints"
     for name in ("checkpoint-2", "checkpoint-10", ".checkpoint-12.tmp", "checkpoint-x"):
         (checkpoints / name).mkdir(parents=True)
     assert [path.name for path in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-10"]
-    assert find_checkpoint(tmp_path, "latest") == checkpoints / "checkpoint-10"
+    assert find_checkpoint(tmp_path, "latest") is None  # neither has the marker of a finished save
+    assert "Skipping checkpoint-10" in caplog.text and "checkpoint_complete.json is missing" in caplog.text
     assert find_checkpoint(tmp_path / "empty", "latest") is None
 
 

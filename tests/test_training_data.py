@@ -1,6 +1,8 @@
 """Training data: real image files in tmp folders read through `datasets`, checked pixel by pixel."""
 
 import logging
+import struct
+import zlib
 from pathlib import Path
 
 import datasets
@@ -337,7 +339,7 @@ def test_corrupted_images_are_counted_and_named(grey_levels):
 def test_many_corrupted_images_are_summarised(grey_levels):
     for i in range(7):
         (grey_levels / f"broken{i}.png").write_bytes(b"not a png")
-    with pytest.raises(ValueError, match=r"7 of 14 images .*broken4\.png and 2 more\."):
+    with pytest.raises(ValueError, match=r"7 of 14 images .*broken4\.png \(cannot identify image file\) and 2 more\."):
         load(grey_levels)
 
 
@@ -383,3 +385,82 @@ def test_unloadable_hub_dataset_fails_with_offline_advice(monkeypatch, tmp_path)
 def test_invalid_config(config, message):
     with pytest.raises(ValueError, match=message):
         DataConfig(**config)
+
+
+# --- fuzzing the image folder: every kind of file is converted correctly or reported, never a crash --------------
+
+
+def png_bytes(width: int, height: int, bit_depth: int, colour_type: int, raw: bytes) -> bytes:
+    """A PNG written by hand: for what PIL cannot write (16-bit RGB) or must not decode (a decompression bomb)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+@pytest.fixture
+def fuzzed_folder(tmp_path) -> tuple[Path, dict[str, np.ndarray]]:
+    """A folder of every awkward file, with the RGB pixels each readable one must become."""
+    folder = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    expected = {}
+
+    def save(name: str, image: Image.Image, pixels: np.ndarray):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        image.save(folder / name)
+        expected[name] = pixels
+
+    rgb = rng.integers(0, 256, (4, 4, 3), np.uint8)
+    save("plain.png", Image.fromarray(rgb), rgb)
+    save("ñandú/画像 1.png", Image.fromarray(rgb[::-1]), rgb[::-1])  # a non-ASCII path with a space
+    cmyk = Image.fromarray(rgb).convert("CMYK")
+    save("cmyk.jpg", cmyk, np.asarray(cmyk.convert("RGB")))  # what JPEG keeps is checked below, after decoding
+    palette = Image.fromarray(rgb).quantize(colors=4)
+    save("palette.png", palette, np.asarray(palette.convert("RGB")))
+    rgba = np.dstack([rgb, np.full((4, 4), 255, np.uint8)])
+    rgba[0, 0, 3] = 0  # one transparent pixel: white
+    save("alpha.png", Image.fromarray(rgba, "RGBA"), np.where(rgba[..., 3:] == 0, 255, rgb).astype(np.uint8))
+    save("one_pixel.png", Image.fromarray(np.full((1, 1, 3), (9, 99, 199), np.uint8)),
+         np.full((4, 4, 3), (9, 99, 199), np.uint8))
+    deep = np.array([[[65535, 32896, 0]] * 4] * 4, ">u2")  # 16-bit RGB: PIL keeps the high bytes
+    (folder / "deep_rgb16.png").write_bytes(png_bytes(4, 4, 16, 2, b"".join(b"\0" + row.tobytes() for row in deep)))
+    expected["deep_rgb16.png"] = np.full((4, 4, 3), (255, 128, 0), np.uint8)
+    grey16 = np.full((4, 4), 257 * 100, np.uint16)
+    save("grey16.png", Image.fromarray(grey16), np.full((4, 4, 3), 100, np.uint8))
+
+    (folder / "truncated.png").write_bytes((folder / "plain.png").read_bytes()[:60])
+    (folder / "zero_bytes.png").write_bytes(b"")
+    (folder / "text.png").write_text("not a picture, whatever the name says")
+    (folder / "bomb.png").write_bytes(png_bytes(30000, 30000, 8, 0, b"\0" * 100))  # 900M pixels, 150 bytes
+    (folder / "notes.txt").write_text("not an image, and not named like one: ignored")
+    return folder, expected
+
+
+BAD_FILES = ("truncated.png", "zero_bytes.png", "text.png", "bomb.png")
+
+
+def test_every_unreadable_file_is_named_with_its_reason(fuzzed_folder):
+    folder, expected = fuzzed_folder
+    with pytest.raises(ValueError) as error:
+        load(folder, resolution=4, num_channels=3)
+    message = str(error.value)
+    assert "\n" not in message and f"4 of {len(expected) + 4} images" in message
+    assert all(f"{name} (" in message for name in BAD_FILES)  # each named, with PIL's reason:
+    assert "truncated" in message and "decompression bomb" in message and message.count("cannot identify") == 2
+    assert "--skip_bad_images" in message and not any(name in message for name in expected)
+
+
+def test_skip_bad_images_converts_the_rest_exactly_and_counts_the_skipped(fuzzed_folder, caplog):
+    folder, expected = fuzzed_folder
+    with caplog.at_level(logging.WARNING, logger="ddpm_hf.data.loading"):
+        data = load(folder, resolution=4, num_channels=3, skip_bad_images=True)
+    assert (data.num_examples, data.skipped_images, data.num_channels) == (len(expected), 4, 3)
+    assert f"4 of {len(expected) + 4} images" in caplog.text
+
+    files = sorted(expected, key=lambda name: str(folder / name))  # imagefolder's order
+    for name, image in zip(files, data.dataset):
+        pixels = as_uint8(image).transpose(1, 2, 0)
+        tolerance = 40 if name.endswith(".jpg") else 0  # JPEG's loss; the colours must still be the CMYK's
+        assert np.abs(pixels.astype(int) - expected[name]).max() <= tolerance, name
+    loader = torch.utils.data.DataLoader(data.dataset, batch_size=len(expected), num_workers=1)
+    assert next(iter(loader)).shape == (len(expected), 3, 4, 4)  # nothing left to fail in a worker

@@ -76,6 +76,7 @@ class TrainData:
     num_channels: int  # the UNet's in_channels and out_channels
     num_examples: int | None  # None when streaming
     name: str  # the source, for logs and model cards
+    skipped_images: int = 0  # unreadable images left out with skip_bad_images (map-style data; a stream logs them)
 
 
 class SharedEpoch:
@@ -220,8 +221,8 @@ def load_train_data(config: DataConfig, *, seed: int = 0, process_index: int = 0
     # Undecoded, so that we decode each image ourselves and can name the files that fail.
     source = source.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
     if not config.streaming:
-        images = decode_images(source, image_column, config, name, seed, show_progress=process_index == 0)
-        return TrainData(ImageTensorDataset(images, augment), images[0].shape[0], len(images), name)
+        images, skipped = decode_images(source, image_column, config, name, seed, show_progress=process_index == 0)
+        return TrainData(ImageTensorDataset(images, augment), images[0].shape[0], len(images), name, skipped)
 
     num_channels = config.num_channels or first_image_channels(source, image_column, name)
     stream = shard_stream(source, config, seed, process_index, num_processes)
@@ -328,11 +329,11 @@ def describe_image(value: dict, index: int) -> str:
 
 def decode_images(
     source: datasets.Dataset, image_column: str, config: DataConfig, name: str, seed: int, show_progress: bool = True
-) -> torch.Tensor | list[torch.Tensor]:
+) -> tuple[torch.Tensor | list[torch.Tensor], int]:
     """Decode and preprocess every image once; unreadable ones raise, or with `skip_bad_images` are dropped.
 
     Returns one uint8 `(N, C, H, W)` tensor, or a list of `(C, H, W)` tensors when sizes differ (random crops
-    of images with different aspect ratios).
+    of images with different aspect ratios), and the number of images skipped.
     """
     if len(source) == 0:
         raise ValueError(f"{name} has no rows in split {config.split!r}.")
@@ -344,18 +345,18 @@ def decode_images(
         value = example[image_column]
         try:
             image = open_image(value)
-        except BAD_IMAGE_ERRORS:
-            bad_images.append(describe_image(value, index))
-            continue
-        # Without --num_channels each image keeps its own channel count; they are matched below.
-        images.append(prepare(image, config.num_channels or image_channels(image)))
+            # Without --num_channels each image keeps its own channel count; they are matched below.
+            images.append(prepare(image, config.num_channels or image_channels(image)))
+        except BAD_IMAGE_ERRORS as error:
+            file = describe_image(value, index)
+            bad_images.append(f"{file} ({str(error).replace(repr(file), '').strip()})")  # PIL repeats the path
     report_bad_images(bad_images, len(source), name, config.skip_bad_images)
 
     num_channels = max(pixels.shape[0] for pixels in images)
     images = [pixels.expand(num_channels, -1, -1) for pixels in images]  # grayscale -> RGB when the data is mixed
     if all(pixels.shape == images[0].shape for pixels in images):
-        return torch.stack(images)  # one allocation, shared cheaply with DataLoader workers
-    return images
+        return torch.stack(images), len(bad_images)  # one allocation, shared cheaply with DataLoader workers
+    return images, len(bad_images)
 
 
 def report_bad_images(bad_images: list[str], num_images: int, name: str, skip_bad_images: bool):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, TypeVar
 
 import httpx2
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, get_token
@@ -19,9 +21,17 @@ from .card import CARD_NAME, EVAL_RESULTS_FILE, sample_images, write_model_card
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
 COMPONENT_CONFIGS = {"unet": "config.json", "scheduler": "scheduler_config.json"}  # a DDPM pipeline's parts
 COMPONENT_SUFFIXES = (".json", ".safetensors")  # configs and weights; never .bin pickles
 DEFAULT_COMMIT_MESSAGE = "Upload DDPM pipeline"
+# Seconds to wait before each new try of a request that failed transiently: 5 tries in all, 15 s of waiting.
+RETRY_DELAYS_SECONDS = (1.0, 2.0, 4.0, 8.0)
+TRANSIENT_STATUSES = (408, 429, 500, 502, 503, 504)  # the Hub overloaded, restarting or rate-limiting
+_CUT_CONNECTIONS = (httpx2.ReadError, httpx2.WriteError, httpx2.RemoteProtocolError, httpx2.ReadTimeout,
+                    httpx2.WriteTimeout)  # a reset or dropped connection, once connected
 
 
 class HubPushError(RuntimeError):
@@ -43,8 +53,10 @@ def push_to_hub(
     Only `model_index.json`, `unet/` and `scheduler/` (configs and safetensors weights), `README.md` and the images
     at the top of the folder are uploaded: never checkpoints, optimizer states, logs or training arguments. The
     card is (re)generated first, with usage snippets that load `repo_id`, unless the folder holds a hand-written
-    one. Everything is checked before the first request; when the Hub fails midway the local files are intact,
-    and running the same push again finishes it without re-sending what already arrived.
+    one. Everything is checked before the first request. The upload is one commit: the repo shows the whole
+    pipeline or none of it, even if the process is killed midway. Transient failures (5xx answers, 429, a reset
+    connection) are retried after 1, 2, 4 and 8 s; when the Hub still fails the local files are intact, and
+    running the same push again finishes it without re-sending what already arrived.
 
     Args:
         folder_or_pipeline (`str`, `os.PathLike` or [`~diffusers.DiffusionPipeline`]): A folder written by
@@ -145,7 +157,7 @@ def create_hub_repo(repo_id: str, *, private: bool | None = None, token: str | N
     token = check_can_push(repo_id, token)
     api = HfApi(token=token)
     with _explained_errors(api, repo_id, token):
-        return api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        return _retrying(lambda: api.create_repo(repo_id, private=private, exist_ok=True).repo_id, repo_id, token)
 
 
 def _push_folder(folder: Path, repo_id: str, private: bool | None, token: str, commit_message: str | None,
@@ -158,9 +170,34 @@ def _push_folder(folder: Path, repo_id: str, private: bool | None, token: str, c
     api = HfApi(token=token)
     with _explained_errors(api, repo_id, token, folder):
         if revision not in (None, "main"):
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        return api.create_commit(repo_id, operations, commit_message=commit_message or DEFAULT_COMMIT_MESSAGE,
-                                 revision=revision)
+            _retrying(lambda: api.create_branch(repo_id, branch=revision, exist_ok=True), repo_id, token)
+        # One commit (its uploads are skipped on a retry when the Hub already has them).
+        return _retrying(lambda: api.create_commit(repo_id, operations, revision=revision,
+                                                   commit_message=commit_message or DEFAULT_COMMIT_MESSAGE),
+                         repo_id, token)
+
+
+def _retrying(request: Callable[[], T], repo_id: str, token: str) -> T:
+    """`request()`, tried again after each of `RETRY_DELAYS_SECONDS` while the Hub fails transiently."""
+    for attempt, delay in enumerate(RETRY_DELAYS_SECONDS, start=1):
+        try:
+            return request()
+        except (HfHubHTTPError, httpx2.TransportError) as error:
+            if not _is_transient(error):
+                raise
+            reason = f"{type(error).__name__}: {error}".splitlines()[0].replace(token, "<token>")
+            logger.warning(f"The Hub failed on the push to '{repo_id}' ({reason}); trying again in {delay:g} s "
+                           f"({attempt} of {len(RETRY_DELAYS_SECONDS)} retries).")
+            time.sleep(delay)
+    return request()
+
+
+def _is_transient(error: Exception) -> bool:
+    """A failure that a later try may not meet: an overloaded or restarting Hub, a connection cut midway (not a
+    refused connection or an unknown host: those mean the Hub cannot be reached at all)."""
+    if isinstance(error, HfHubHTTPError):
+        return getattr(error.response, "status_code", None) in TRANSIENT_STATUSES
+    return isinstance(error, _CUT_CONNECTIONS)
 
 
 @contextmanager

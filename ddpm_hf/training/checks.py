@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 from pathlib import Path
 
 from accelerate import Accelerator
+from accelerate.logging import get_logger
 
 from .config import TrainingConfig
 from ..data import TrainData
+from .checkpointing import CHECKPOINTS_DIR
+from .durable_io import format_bytes
 from .presets import downsampling_factor
+from .run_lock import LOCK_FILE
+
+logger = get_logger(__name__)
 
 
 class LaunchError(RuntimeError):
@@ -53,11 +60,12 @@ def check_resolution(unet_config: dict, config: TrainingConfig):
 
 
 def check_output_dir(config: TrainingConfig):
-    """A non-empty output_dir is only written into when asked to, or when resuming the run saved there."""
+    """A non-empty output_dir is only written into when asked to, or when resuming the run saved there (a lock
+    file alone does not count: the run holding it, if alive, is named when locking)."""
     output_dir = Path(config.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise NotADirectoryError(f"--output_dir {output_dir} is a file.")
-    if output_dir.is_dir() and any(output_dir.iterdir()):
+    if output_dir.is_dir() and any(path.name != LOCK_FILE for path in output_dir.iterdir()):
         if not (config.overwrite_output_dir or config.resume_from_checkpoint):
             raise FileExistsError(
                 f"--output_dir {output_dir} is not empty. Pass --resume_from_checkpoint latest to continue the run "
@@ -96,3 +104,21 @@ def count_train_steps(config: TrainingConfig, data: TrainData, num_processes: in
         raise ValueError("--num_epochs needs a dataset of known size; with --streaming use --max_train_steps.")
     batches_per_epoch = data.num_examples // num_processes // config.train_batch_size
     return math.ceil(config.num_epochs * batches_per_epoch / config.gradient_accumulation_steps)
+
+
+def check_disk_space(config: TrainingConfig, checkpoint_bytes: int, pipeline_bytes: int):
+    """Warn when output_dir's disk cannot hold the checkpoints kept (plus the one being written) and the pipeline
+    (plus its staged copy), estimated from the model's size: the run would stop at its first save that does not fit."""
+    output_dir = Path(config.output_dir)
+    kept = config.checkpoints_total_limit or math.ceil(config.max_train_steps / config.checkpointing_steps)
+    existing = sum(path.stat().st_size for path in (output_dir / CHECKPOINTS_DIR).rglob("*") if path.is_file())
+    needed = max(checkpoint_bytes * (kept + 1) - existing, checkpoint_bytes) + 2 * pipeline_bytes
+    free = shutil.disk_usage(output_dir).free
+    if free < needed:
+        logger.warning(
+            f"--output_dir {output_dir} has {format_bytes(free)} free, but this run writes about "
+            f"{format_bytes(needed)} (a checkpoint takes about {format_bytes(checkpoint_bytes)}, the pipeline "
+            f"{format_bytes(pipeline_bytes)}): "
+            "it may stop with an error at the first save that does not fit. Free some space, lower "
+            "--checkpoints_total_limit, or choose another --output_dir."
+        )

@@ -106,26 +106,10 @@ class TrainingConfig:
     dry_run: bool = False  # print the resolved configuration as JSON and exit, reading and writing nothing
 
     def __post_init__(self):
-        positive = ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "ddpm_num_steps",
-                    "checkpointing_steps", "logging_steps", "save_images_steps", "eval_batch_size",
-                    "ddpm_num_inference_steps", "eval_num_samples")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be a positive integer, got {getattr(self, name)}.")
-        if self.num_epochs is not None and self.num_epochs < 1:
-            raise ValueError(f"--num_epochs must be a positive integer, got {self.num_epochs}.")
-        if self.eval_every is not None and self.eval_every < 1:
-            raise ValueError(f"--eval_every must be a positive integer (or left out to never evaluate), "
-                             f"got {self.eval_every}.")
-        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
-            raise ValueError(f"--checkpoints_total_limit must be at least 1, got {self.checkpoints_total_limit}.")
+        check_numbers(self)
         if self.ddpm_num_inference_steps > self.ddpm_num_steps:
             raise ValueError(f"--ddpm_num_inference_steps ({self.ddpm_num_inference_steps}) cannot exceed "
                              f"--ddpm_num_steps ({self.ddpm_num_steps}).")
-        if self.max_train_minutes is not None and not 0 < self.max_train_minutes < math.inf:
-            raise ValueError(f"--max_train_minutes must be a positive number of minutes, got {self.max_train_minutes}.")
-        if not 0 <= self.vlb_weight < math.inf:
-            raise ValueError(f"--vlb_weight must be a non-negative number, got {self.vlb_weight}.")
         if self.variance_type == "learned":
             raise ValueError("--variance_type learned (the variance itself as output) cannot be trained here; use "
                              "learned_range (an interpolation between beta~_t and beta_t, trained with L_hybrid).")
@@ -170,9 +154,48 @@ class TrainingConfig:
         return values
 
 
+# Every number in the config must be finite and positive, except these: (lowest, whether it is allowed, highest,
+# whether it is allowed). A field left at None (snr_gamma, num_epochs, eval_every, ...) is not checked.
+NUMBER_RANGES = {
+    "seed": (0, True, math.inf, False),
+    "lr_warmup_steps": (0, True, math.inf, False),
+    "adam_weight_decay": (0, True, math.inf, False),
+    "dataloader_num_workers": (0, True, math.inf, False),
+    "adam_beta1": (0, True, 1, False),
+    "adam_beta2": (0, True, 1, False),
+    "ema_max_decay": (0, True, 1, True),
+    "vlb_weight": (0, True, math.inf, False),
+}
+
+
+def check_numbers(config: Any):
+    """Raise a one-line `ValueError` naming the flag for a number outside its range, NaN or infinite."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        low, low_allowed, high, high_allowed = NUMBER_RANGES.get(f.name, (0, False, math.inf, False))
+        above = value >= low if low_allowed else value > low
+        below = value <= high if high_allowed else value < high
+        if not (math.isfinite(value) and above and below):
+            kind = "integer" if isinstance(value, int) else "number"
+            if high == math.inf:
+                wanted = f"a positive {kind}" if not low_allowed else f"an {kind} >= 0" if kind == "integer" else ">= 0"
+            else:
+                wanted = f"in [{low}, {high}{']' if high_allowed else ')'}"
+            raise ValueError(f"--{f.name} must be {wanted}, got {value}.")
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, with errors on one line: the usage of 70 flags would bury them (--help shows it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     """An argparse parser with one flag per `DataConfig` and `TrainingConfig` field, defaults from the dataclasses."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineErrorParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     for title, cls in (("data", DataConfig), ("training", TrainingConfig)):
         group = parser.add_argument_group(title)
         hints = typing.get_type_hints(cls)
@@ -185,7 +208,8 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None, description: str | None = None) -> TrainingConfig:
-    """Parse CLI flags (`sys.argv` when `argv` is None) into a `TrainingConfig`.
+    """Parse CLI flags (`sys.argv` when `argv` is None) into a `TrainingConfig`; a value out of its range exits
+    like any bad flag (status 2, one line naming it).
 
     With `--recipe NAME` the recipe's settings are the defaults, so that any flag given overrides them; each
     override is reported (a warning naming the flag, its value and the recipe's).
@@ -206,8 +230,11 @@ def parse_args(argv: Sequence[str] | None = None, description: str | None = None
     for name, value in settings.items():
         if namespace[name] != value:
             logger.warning(f"--{name} {namespace[name]} overrides the {recipe} recipe's {value}.")
-    data = DataConfig(**{f.name: namespace.pop(f.name) for f in fields(DataConfig)})
-    return TrainingConfig(data=data, **namespace)
+    try:
+        data = DataConfig(**{f.name: namespace.pop(f.name) for f in fields(DataConfig)})
+        return TrainingConfig(data=data, **namespace)
+    except ValueError as error:
+        parser.error(str(error).removesuffix("."))
 
 
 def add_flag(group: argparse._ArgumentGroup, name: str, hint: Any, default: Any, help_text: str):

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -42,15 +43,19 @@ from ..hub import EVAL_RESULTS_FILE, HubPushError, create_hub_repo, push_to_hub,
 from ..models import UNet2DModel
 from ..pipelines import DDPMPipeline
 from ..schedulers import DDPMScheduler
+from .agreement import all_or_none, decided_by_main
 from .budget import fit_to_budget, past_deadline
-from .checkpointing import (Progress, checkpoint_progress, find_checkpoint, list_checkpoints, load_checkpoint,
-                            save_checkpoint, weights_sha256)
-from .checks import check_launch, check_output_dir, check_resolution, count_train_steps, fit_to_data
+from .checkpointing import (Progress, checkpoint_bytes, checkpoint_progress, find_checkpoint, list_checkpoints,
+                            load_checkpoint, save_checkpoint, weights_sha256)
+from .checks import check_disk_space, check_launch, check_output_dir, check_resolution, count_train_steps, fit_to_data
 from .config import TrainingConfig
 from ..data import TrainData, load_train_data
 from .losses import training_loss
 from .monitoring import LossMonitor, NonFiniteLossError, Throughput, stop_agreed, stop_signals
-from .outputs import DENOISING_GIF, FINAL_GRID, RAW_UNET_DIR, RUN_RECORD, publish, sample_grid
+from .durable_io import write_failure, write_text
+from .outputs import (DENOISING_GIF, FINAL_GRID, RAW_UNET_DIR, RUN_RECORD, SAMPLES_DIR, finished_step, pipeline_bytes,
+                      publish, sample_grid, save_image)
+from .run_lock import lock_output_dir
 from .presets import load_unet_config
 
 logger = get_logger(__name__)
@@ -90,8 +95,10 @@ def train(config: TrainingConfig) -> DDPMPipeline | None:
     """Train a DDPM as `config` says and save it in `config.output_dir`.
 
     Bad input (flags, data, output folder, checkpoint path) raises `ValueError` or `OSError` before any
-    compute is spent. SIGTERM/SIGINT save a checkpoint at the next step and return None; a NaN/inf
-    loss raises [`NonFiniteLossError`].
+    compute is spent, and so does an output_dir that another live run holds (`OutputDirLockedError`).
+    SIGTERM/SIGINT save a checkpoint at the next step and return None; a NaN/inf loss raises
+    [`NonFiniteLossError`]; a checkpoint or pipeline that cannot be written raises `WriteFailedError`
+    (nothing saved before is lost). Resuming a finished run ("latest") trains and writes nothing.
 
     Returns:
         The [`DDPMPipeline`] with the EMA weights (on every process), or None if stopped by a signal.
@@ -101,11 +108,14 @@ def train(config: TrainingConfig) -> DDPMPipeline | None:
         print(json.dumps(config.resolved(), indent=2))
         return None
     accelerator = make_accelerator(config)
+    lock = None
     try:
         unet_config = load_unet_config(config.model_config)
         check_resolution(unet_config, config)
-        checkpoint = find_checkpoint(config.output_dir, config.resume_from_checkpoint)
         check_output_dir(config)
+        lock = lock_output_dir(accelerator, config.output_dir)
+        checkpoint = decided_by_main(accelerator, lambda: find_checkpoint(config.output_dir,
+                                                                          config.resume_from_checkpoint))
         repo_id = None
         if config.push_to_hub and accelerator.is_main_process:  # a missing token or login fails here, not at the end
             repo_id = create_hub_repo(config.hub_model_id or Path(config.output_dir).name,
@@ -121,6 +131,9 @@ def train(config: TrainingConfig) -> DDPMPipeline | None:
         if checkpoint is not None and config.max_train_minutes is not None:
             # The length the time budget gave the run when it started: the LR schedule spans it again.
             max_train_steps = checkpoint_progress(checkpoint).total_steps or max_train_steps
+        saved_at = finished_step(Path(config.output_dir))
+        if config.resume_from_checkpoint == "latest" and saved_at is not None and saved_at >= max_train_steps:
+            return finished_run(config, repo_id, saved_at, max_train_steps)
         quality_reference = None
         if config.eval_every is not None and accelerator.is_main_process:  # a missing Inception file fails here
             quality_reference = prepare_quality_reference(config, data, accelerator.device)
@@ -132,14 +145,29 @@ def train(config: TrainingConfig) -> DDPMPipeline | None:
             resume(run, checkpoint)
         if config.max_train_minutes is not None:
             fit_to_budget(run, started)
+        if accelerator.is_main_process:
+            check_disk_space(config, checkpoint_bytes(run.unet, run.ema is not None),
+                             pipeline_bytes(run.unet, run.ema is not None))
         start_logging(run)
         if train_loop(run) is not None:
             return None
         pipeline = save(run)
-        push(run, f"Trained for {run.progress.global_step} steps with ddpm_hf")
+        push(config, run.repo_id, f"Trained for {run.progress.global_step} steps with ddpm_hf")
         return pipeline
     finally:
+        if lock is not None:
+            lock.release()
         accelerator.end_training()
+
+
+def finished_run(config: TrainingConfig, repo_id: str | None, step: int, max_train_steps: int) -> DDPMPipeline:
+    """A run resumed after it finished: say so, finish an interrupted push, and return the saved pipeline."""
+    logger.info(f"The run in {config.output_dir} is finished (step {step} of {max_train_steps}): nothing to train "
+                "or save. Raise --max_train_steps to train longer.")
+    push(config, repo_id, f"Trained for {step} steps with ddpm_hf")  # uploads only what is missing, if anything
+    pipeline = DDPMPipeline.from_pretrained(config.output_dir)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
 
 
 def prepare_quality_reference(config: TrainingConfig, data: TrainData,
@@ -212,7 +240,6 @@ def build(config: TrainingConfig, accelerator: Accelerator, data: TrainData, une
         ema = EMAModel(unet.parameters(), decay=config.ema_max_decay, use_ema_warmup=config.ema_warmup,
                        inv_gamma=config.ema_inv_gamma, power=config.ema_power, foreach=True,
                        min_decay=0.0 if config.ema_warmup else config.ema_max_decay)
-        accelerator.register_for_checkpointing(ema)
     if config.torch_compile:
         model = compile_or_eager(model, unet_config, config)
     return Run(config, accelerator, model, noise_scheduler, optimizer, lr_scheduler, ema, data,
@@ -221,9 +248,9 @@ def build(config: TrainingConfig, accelerator: Accelerator, data: TrainData, une
 
 def resume(run: Run, checkpoint: Path):
     """Load a checkpoint into the built run: weights, optimizer, LR schedule, EMA, RNG states and progress."""
-    run.progress = load_checkpoint(run.accelerator, checkpoint, run.data.dataset)
+    run.progress = load_checkpoint(run.accelerator, checkpoint, run.data.dataset, run.ema, parameter_names(run))
     if run.ema is not None:
-        run.ema.to(run.accelerator.device)  # Accelerate loads registered objects onto the CPU
+        run.ema.to(run.accelerator.device)  # loaded onto the CPU
     logger.info(f"Resumed from {checkpoint} at step {run.progress.global_step}.")
 
 
@@ -269,9 +296,10 @@ def compile_or_eager(model: torch.nn.Module, unet_config: dict, config: Training
 
 
 def start_logging(run: Run):
-    """Save the config beside the model, start the trackers and describe the run."""
+    """Save the config beside the model (unless a pipeline is there: its record stays with it until the new one
+    replaces both), start the trackers and describe the run."""
     config, accelerator, data = run.config, run.accelerator, run.data
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and finished_step(Path(config.output_dir)) is None:
         Path(config.output_dir).mkdir(parents=True, exist_ok=True)
         write_run_record(run, Path(config.output_dir))
     accelerator.init_trackers("ddpm_hf", config=config.to_dict())
@@ -290,6 +318,8 @@ def write_run_record(run: Run, folder: Path, finished: bool = False):
     """`training_config.json`: the config (never the token) and, once finished, facts for the model card."""
     record = run.config.to_dict()
     record["total_steps"] = run.max_train_steps  # the run's length (decided by calibration with --max_train_minutes)
+    if run.data.skipped_images:
+        record["skipped_images"] = run.data.skipped_images  # unreadable files left out (--skip_bad_images)
     if finished:
         accelerator = run.accelerator
         on_gpu = accelerator.device.type == "cuda"
@@ -301,7 +331,7 @@ def write_run_record(run: Run, folder: Path, finished: bool = False):
             training_time_seconds=round(run.progress.training_seconds, 1),
             mixed_precision=accelerator.mixed_precision,
         )
-    (folder / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    write_text(folder / RUN_RECORD, json.dumps(record, indent=2) + "\n")
 
 
 # The loop
@@ -340,7 +370,7 @@ def train_loop(run: Run) -> str | None:
                 pushes_checkpoints = config.push_to_hub and config.hub_strategy == "checkpoint"
                 if pushes_checkpoints and not stop and step < run.max_train_steps:
                     save(run)  # the EMA pipeline, its card and a grid into output_dir (all processes take part)
-                    push(run, f"Checkpoint at step {step} (ddpm_hf)", fatal=False)
+                    push(config, run.repo_id, f"Checkpoint at step {step} (ddpm_hf)", fatal=False)
                 throughput.restart(step)
             if stop:
                 name = received[0] if received else "a signal to another process"
@@ -366,7 +396,8 @@ def checkpoint(run: Run, monitor: LossMonitor):
     """Save a checkpoint, unless a NaN/inf loss came since the last one (then raise instead)."""
     check_finite(run, monitor)
     path = save_checkpoint(run.accelerator, run.config.output_dir, run.progress, weight_hashes(run),
-                           run.data.dataset, run.config.checkpoints_total_limit)
+                           run.data.dataset, run.ema, parameter_names(run), run.config.checkpoints_total_limit,
+                           checkpoint_bytes(run.unet, run.ema is not None))
     logger.info(f"Saved {path}")
 
 
@@ -475,6 +506,11 @@ def log_metrics(run: Run, monitor: LossMonitor, grad_norm: torch.Tensor, through
     bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{logs['images_per_s']:.0f}")
 
 
+def parameter_names(run: Run) -> list[str]:
+    """The UNet's parameter names, in the order of the EMA's averages."""
+    return [name for name, _ in run.unet.named_parameters()]
+
+
 def weight_hashes(run: Run) -> dict[str, str]:
     """Hashes of this process's weights and EMA, recorded in checkpoints to show that processes agree."""
     hashes = {"unet": weights_sha256(run.unet.parameters())}
@@ -517,9 +553,9 @@ def log_sample_grid(run: Run):
     pipeline = sampling_pipeline(run)
     with sampling_mode(run.unet, run.ema):
         grid = sample_grid(pipeline, config.eval_batch_size, config.ddpm_num_inference_steps, config.seed)
-    path = Path(config.output_dir) / "samples" / f"step_{step:06d}.png"
+    path = Path(config.output_dir) / SAMPLES_DIR / f"step_{step:06d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    save_image(grid, path)
     log_grid(run.accelerator, grid, step)
 
 
@@ -554,42 +590,53 @@ def log_grid(accelerator: Accelerator, grid: Image.Image, step: int):
 
 def save(run: Run) -> DDPMPipeline:
     """Save the pipeline with the EMA weights (safetensors), the raw weights in unet_raw/, and a final sample
-    grid (and GIF) to output_dir, through a staging folder; returns the pipeline on every process."""
+    grid (and GIF) to output_dir, through a staging folder published durably; returns the pipeline on every
+    process. If it cannot be written, the staging folder goes and every process raises `WriteFailedError`."""
     config, accelerator = run.config, run.accelerator
     pipeline = DDPMPipeline(unet=unet_copy(run, use_ema=True),
                             scheduler=DDPMScheduler.from_config(run.noise_scheduler.config))
     pipeline.set_progress_bar_config(disable=True)
+    output_dir = Path(config.output_dir)
+    staging = output_dir / ".final.tmp"
+    failure = functools.partial(write_failure, "the pipeline", output_dir,
+                                bytes_needed=pipeline_bytes(run.unet, run.ema is not None))
+    with all_or_none(accelerator, failure, cleanup=lambda: shutil.rmtree(staging, ignore_errors=True)):
+        if accelerator.is_main_process:
+            grid = write_pipeline(run, pipeline, staging)
+            publish(staging, output_dir)
     if accelerator.is_main_process:
-        output_dir = Path(config.output_dir)
-        staging = output_dir / ".final.tmp"
-        shutil.rmtree(staging, ignore_errors=True)  # debris of a save that crashed
-        pipeline.save_pretrained(staging, safe_serialization=True)
-        if run.ema is not None:
-            unet_copy(run, use_ema=False).save_pretrained(staging / RAW_UNET_DIR, safe_serialization=True)
-        gif_path = staging / DENOISING_GIF if config.save_denoising_gif else None
-        grid = sample_grid(pipeline, config.eval_batch_size, config.ddpm_num_inference_steps, config.seed, gif_path)
-        grid.save(staging / FINAL_GRID)
-        write_run_record(run, staging, finished=True)
-        if run.evaluation is not None:
-            (staging / EVAL_RESULTS_FILE).write_text(json.dumps(run.evaluation, indent=2) + "\n", encoding="utf-8")
-        write_model_card(staging, run.repo_id)
-        publish(staging, output_dir)
         log_grid(accelerator, grid, run.progress.global_step)
         logger.info(f"Saved the pipeline and {FINAL_GRID} to {output_dir}")
     accelerator.wait_for_everyone()
     return pipeline
 
 
-def push(run: Run, commit_message: str, fatal: bool = True):
-    """Upload output_dir's pipeline, card and samples (never checkpoints) to `run.repo_id`, if pushing.
+def write_pipeline(run: Run, pipeline: DDPMPipeline, staging: Path) -> Image.Image:
+    """Write the pipeline, raw weights, run record, evaluation, model card and final grid into `staging`."""
+    config = run.config
+    shutil.rmtree(staging, ignore_errors=True)  # debris of a save that crashed
+    pipeline.save_pretrained(staging, safe_serialization=True)
+    if run.ema is not None:
+        unet_copy(run, use_ema=False).save_pretrained(staging / RAW_UNET_DIR, safe_serialization=True)
+    gif_path = staging / DENOISING_GIF if config.save_denoising_gif else None
+    grid = sample_grid(pipeline, config.eval_batch_size, config.ddpm_num_inference_steps, config.seed, gif_path)
+    grid.save(staging / FINAL_GRID)
+    write_run_record(run, staging, finished=True)
+    if run.evaluation is not None:
+        (staging / EVAL_RESULTS_FILE).write_text(json.dumps(run.evaluation, indent=2) + "\n", encoding="utf-8")
+    write_model_card(staging, run.repo_id)
+    return grid
+
+
+def push(config: TrainingConfig, repo_id: str | None, commit_message: str, fatal: bool = True):
+    """Upload output_dir's pipeline, card and samples (never checkpoints) to `repo_id`, if pushing.
 
     A failed push at a checkpoint (`fatal=False`) is a warning: training goes on and the next push retries.
     """
-    if run.repo_id is None:
+    if repo_id is None:
         return
-    config = run.config
     try:
-        commit = push_to_hub(config.output_dir, run.repo_id, private=config.hub_private_repo, token=config.hub_token,
+        commit = push_to_hub(config.output_dir, repo_id, private=config.hub_private_repo, token=config.hub_token,
                              commit_message=commit_message)
     except HubPushError as error:
         if fatal:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import torch
@@ -9,9 +11,11 @@ from PIL import Image
 
 from ..pipelines import DDPMPipeline
 from ..visualization import DenoisingRecorder, make_grid
-from .checkpointing import replace
+from .checkpointing import weights_bytes
+from .durable_io import fsync, fsync_tree, replace
 
 FINAL_GRID = "samples.png"
+SAMPLES_DIR = "samples"  # the grids sampled during training
 DENOISING_GIF = "denoising.gif"
 RAW_UNET_DIR = "unet_raw"
 RUN_RECORD = "training_config.json"  # the config and facts about the run, read by ddpm_hf.hub's model card
@@ -36,13 +40,37 @@ def sample_grid(
     return make_grid(images)
 
 
-def publish(staging: Path, output_dir: Path):
-    """Move everything in `staging` into `output_dir`, replacing what is there, with model_index.json last.
+def save_image(image: Image.Image, path: Path):
+    """Save `image` as `path` through a temporary file, so that a crash never leaves half a PNG."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    image.save(temporary, format=path.suffix.lstrip(".").upper())
+    os.replace(temporary, path)
 
-    The old model_index.json goes first, so at no moment does output_dir hold a loadable but
-    half-replaced pipeline.
+
+def publish(staging: Path, output_dir: Path):
+    """Move everything in `staging` into `output_dir` durably, replacing what is there, with model_index.json last.
+
+    The staged files are fsynced first; the old model_index.json goes first, so at no moment does
+    output_dir hold a loadable but half-replaced pipeline (see `finished_step`).
     """
+    fsync_tree(staging)
     (output_dir / "model_index.json").unlink(missing_ok=True)
     for entry in sorted(staging.iterdir(), key=lambda path: path.name == "model_index.json"):
         replace(entry, output_dir / entry.name)
     staging.rmdir()
+    fsync(output_dir)
+
+
+def finished_step(output_dir: Path) -> int | None:
+    """The step at which the pipeline in `output_dir` was saved, or None when there is no complete one."""
+    if not (output_dir / "model_index.json").is_file():
+        return None
+    try:
+        return int(json.loads((output_dir / RUN_RECORD).read_text(encoding="utf-8"))["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def pipeline_bytes(unet: torch.nn.Module, with_raw_weights: bool) -> int:
+    """About how many bytes the saved pipeline takes: the EMA weights, the raw ones beside them, the grids."""
+    return weights_bytes(unet) * (1 + with_raw_weights) + 256 * 1024  # + configs, card, sample grid
