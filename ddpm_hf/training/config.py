@@ -170,10 +170,13 @@ NUMBER_RANGES = {
 
 def check_numbers(config: Any):
     """Raise a one-line `ValueError` naming the flag for a number outside its range, NaN or infinite."""
+    hints = typing.get_type_hints(type(config))
     for f in fields(config):
         value = getattr(config, f.name)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
+        if float in typing.get_args(hints[f.name]) or hints[f.name] is float:
+            value = float(value)  # a float flag given as an int: say "number", not "integer"
         low, low_allowed, high, high_allowed = NUMBER_RANGES.get(f.name, (0, False, math.inf, False))
         above = value >= low if low_allowed else value > low
         below = value <= high if high_allowed else value < high
