@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Literal
 
+from ..schedulers.samplers import EVAL_SAMPLER, EVAL_STEPS, SamplerName
 from ..schedulers.scheduling_ddpm import BetaSchedule, PredictionType
 from ..data import DataConfig
 
@@ -80,7 +81,10 @@ class TrainingConfig:
     ddpm_num_inference_steps: int = 1000  # denoising steps when sampling grids (T: the paper's ancestral sampler)
     save_denoising_gif: bool = False  # also save the final grid's denoising process as an animated GIF
     eval_every: int | None = None  # measure sample quality (FD, KID, ...) every this many steps and at the end
+    eval_at_end: bool = True  # measure sample quality once at the end (other data than the digits: with Inception)
     eval_num_samples: int = 360  # images generated per quality measurement (360: the size of the digits' test split)
+    eval_sampler: SamplerName = EVAL_SAMPLER  # the sampler of quality measurements; ddpm (1000 steps) is the paper's
+    eval_steps: int = EVAL_STEPS  # its steps; on the main job's model as good as 1000 DDPM steps (README)
     eval_inception_weights: str | None = None  # inception-2015-12-05.pt, to measure FID on data other than the digits
 
     # Hugging Face Hub
@@ -93,7 +97,7 @@ class TrainingConfig:
     def __post_init__(self):
         positive = ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "ddpm_num_steps",
                     "checkpointing_steps", "logging_steps", "save_images_steps", "eval_batch_size",
-                    "ddpm_num_inference_steps", "eval_num_samples")
+                    "ddpm_num_inference_steps", "eval_num_samples", "eval_steps")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be a positive integer, got {getattr(self, name)}.")
@@ -107,6 +111,8 @@ class TrainingConfig:
         if self.ddpm_num_inference_steps > self.ddpm_num_steps:
             raise ValueError(f"--ddpm_num_inference_steps ({self.ddpm_num_inference_steps}) cannot exceed "
                              f"--ddpm_num_steps ({self.ddpm_num_steps}).")
+        if self.eval_steps > self.ddpm_num_steps:
+            raise ValueError(f"--eval_steps ({self.eval_steps}) cannot exceed --ddpm_num_steps ({self.ddpm_num_steps}).")
         if self.data.streaming and self.dataloader_num_workers > 0:
             raise ValueError("--streaming needs --dataloader_num_workers 0: the stream's position, which a resume "
                              "restores, lives in the dataset and DataLoader workers would each hold a copy.")
