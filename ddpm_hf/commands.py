@@ -235,9 +235,11 @@ def save_recommendation(folder: Path, sweep: SamplerSweep, pipe: DDPMPipeline, w
             temporary = target.with_name(f".{target.name}.tmp")
             shutil.copyfile(path, temporary)
             os.replace(temporary, target)
-    path = sweep.fast_sampler(pipe).save(folder)
-    print(f"Saved the recommendation to {path}: `ddpm-hf sample {folder} --fast`, "
-          f"DDPMPipeline.from_pretrained({str(folder)!r}).use_fast_sampler().")
+    fast_sampler = sweep.fast_sampler(pipe)
+    path = fast_sampler.save(folder)
+    print(f"Saved the recommendation ({fast_sampler.sampler}, {fast_sampler.num_inference_steps} steps) to {path}. "
+          f"Use it with `ddpm-hf sample {folder} --fast` or "
+          f"`DDPMPipeline.from_pretrained({str(folder)!r}).use_fast_sampler()`.")
     card = folder / CARD_NAME
     if not card.exists() or is_generated_card(card):
         print(f"Rewrote the model card {write_model_card(folder)}.")

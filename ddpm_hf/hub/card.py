@@ -252,11 +252,14 @@ def _sweep_summary(title: str, fast_sampler: FastSampler, num_train_timesteps: i
             f"and scored them against {measured.get('reference', 'the training data')}. The fastest within "
             f"{measured.get('tolerance', 0):.2f} of the best distance is **{title} with {steps} steps**: {name} "
             f"{measured.get('frechet_distance', float('nan')):.2f}")
+    others = []
     if measured.get("ddpm_frechet_distance") is not None:
-        text += f", against {measured['ddpm_frechet_distance']:.2f} for {num_train_timesteps:,} DDPM steps"
+        others.append(f"{measured['ddpm_frechet_distance']:.2f} for {num_train_timesteps:,} DDPM steps")
     floor = measured.get("floor")
     if floor:
-        text += f" and {floor['frechet_distance']:.2f} ± {floor['std']:.2f} for {floor['num_images']} real images"
+        others.append(f"{floor['frechet_distance']:.2f} ± {floor['std']:.2f} for {floor['num_images']} real images")
+    if others:
+        text += ", against " + " and ".join(others)
     calls = measured.get("model_calls", steps)
     return (text + f". That is **{num_train_timesteps / calls:.0f}x fewer model calls** ({calls} instead of "
             f"{num_train_timesteps:,}).")
