@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import warnings
 from typing import Any, Callable, Literal
 
 import torch
@@ -171,7 +172,9 @@ class DDPMPipeline(DiffusionPipeline):
         diffusers writes: nested (`model_index.json`, `unet/`, `scheduler/`) and flat
         (`config.json`, `scheduler_config.json` and the weights at the root, like
         `google/ddpm-cifar10-32`). Components of other classes (say a `DDIMScheduler`) load as the
-        diffusers classes they name.
+        diffusers classes they name. A fast sampler measured by `ddpm-hf sweep --save`
+        (`scheduler/fast_scheduler_config.json`) becomes `pipe.fast_sampler`, for [`use_fast_sampler`]; an
+        unreadable one is left out with a warning.
 
         Raises:
             OSError: if the folder is not a saved pipeline, or a component's files are missing or corrupt.
@@ -193,7 +196,10 @@ class DDPMPipeline(DiffusionPipeline):
             kwargs[component] = _load_component(folder, component, DROP_IN_CLASSES[class_name], kwargs)
         pipe = super().from_pretrained(folder, **kwargs)
         pipe.register_to_config(_name_or_path=name)
-        pipe.fast_sampler = FastSampler.load(folder)
+        try:
+            pipe.fast_sampler = FastSampler.load(folder)
+        except ValueError as error:  # the pipeline itself is intact: load it, without the fast sampler
+            warnings.warn(str(error), stacklevel=2)
         return pipe
 
     def push_to_hub(self, repo_id: str, commit_message: str | None = None, private: bool | None = None,
