@@ -482,9 +482,11 @@ def test_train_a_tiny_model_push_it_and_load_it_back(hub, tmp_path, caplog, capf
 
     api = HfApi(token=ALICE_TOKEN)
     assert api.model_info("alice/ddpm-e2e").private
-    assert set(api.list_repo_files("alice/ddpm-e2e")) == PIPELINE_FILES | {"README.md", "samples.png", ".gitattributes"}
+    files = set(api.list_repo_files("alice/ddpm-e2e"))
+    assert files == PIPELINE_FILES | {"README.md", "samples.png", "eval_results.json", ".gitattributes"}
     card = ModelCard.load("alice/ddpm-e2e", token=ALICE_TOKEN)
     assert card.data.library_name == "diffusers" and "| Optimizer steps | 2 |" in card.text
+    assert "Measured on 360 samples (dpm-solver-sde, 20 steps)" in card.text  # the run measured itself at the end
 
     output = capfd.readouterr()
     assert ALICE_TOKEN not in output.out + output.err + caplog.text
