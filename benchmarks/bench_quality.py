@@ -2,7 +2,7 @@
 
     python benchmarks/bench_quality.py                                         # the bar, on a CPU
     python benchmarks/bench_quality.py --max_train_steps 300 --inference_steps 100   # a quick look
-    python benchmarks/bench_quality.py --sweep                                 # and the sampler sweep of ddpm_hf's model
+    python benchmarks/bench_quality.py --sweep                                 # and the sweep of ddpm_hf's model
     python benchmarks/bench_quality.py --model outputs/ddpm-digits --sweep     # floor, that model and its sweep only
 
 Rows, each scored against the embedded digits' train split (1,437 images) with the shipped digits
@@ -195,9 +195,10 @@ def check_targets(sweep: SamplerSweep, train_seconds: float | None):
     fast = sweep.point(EVAL_SAMPLER, EVAL_STEPS)
     if fast is not None and train_seconds:
         verdict = "met" if fast.seconds < 0.1 * train_seconds else "NOT met"
+        share = 100 * fast.seconds / train_seconds
         print(f"Target {verdict} (timing of this machine, under its load): sampling {sweep.num_samples} images with "
-              f"{EVAL_SAMPLER}, {EVAL_STEPS} steps took {fast.seconds:.1f} s, {100 * fast.seconds / train_seconds:.1f}% "
-              f"of the {train_seconds:.0f} s of training.")
+              f"{EVAL_SAMPLER}, {EVAL_STEPS} steps took {fast.seconds:.1f} s, {share:.1f}% of the "
+              f"{train_seconds:.0f} s of training.")
 
 
 def print_table(rows: list[Row]):

@@ -80,7 +80,8 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddpm-hf", description="Work with saved DDPM pipelines: sample and "
-                                     "evaluate them, find their fastest sampler, push them to the Hugging Face Hub, write their model cards.")
+                                     "evaluate them, find their fastest sampler, push them to the Hugging Face Hub, "
+                                     "write their model cards.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_command in SUBCOMMANDS:
         add_command(subparsers)

@@ -163,13 +163,16 @@ def test_sweep_command_writes_the_curve_and_saves_the_fast_sampler_without_touch
                                         "sampler_sweep.png", "README.md"}
     plain = diffusers.DDPMPipeline.from_pretrained(model_copy)
     assert type(plain.scheduler) is diffusers.DDPMScheduler
-    generator = torch.Generator().manual_seed(0)
-    np.testing.assert_array_equal(plain(batch_size=1, num_inference_steps=2, generator=generator, output_type="np")
-                                  .images, reference(batch_size=1, num_inference_steps=2,
-                                                     generator=torch.Generator().manual_seed(0), output_type="np").images)
+
+    def images(pipe):
+        return pipe(batch_size=1, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                    output_type="np").images
+
+    np.testing.assert_array_equal(images(plain), images(reference))  # the same pipeline as before the save
 
     fast = DDPMPipeline.from_pretrained(model_copy).use_fast_sampler()
-    assert (fast.fast_sampler.sampler, fast.fast_sampler.num_inference_steps) == (record["recommendation"]["sampler"], 3)
+    recommended = record["recommendation"]["sampler"]
+    assert (fast.fast_sampler.sampler, fast.fast_sampler.num_inference_steps) == (recommended, 3)
     calls = []
     fast.unet.register_forward_pre_hook(lambda module, args: calls.append(1))
     fast(batch_size=1)

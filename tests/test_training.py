@@ -327,14 +327,15 @@ def test_eval_every_logs_sample_quality_and_puts_the_last_in_the_model_card(tmp_
 
     record = json.loads((output_dir / "eval_results.json").read_text())
     assert record["num_samples"] == 20 and record["features"].startswith("digits")
-    assert (record["scheduler"], record["steps"]) == ("dpm-solver-sde", 3)  # the fast sampler, not the grids' 5 DDPM steps
+    assert (record["scheduler"], record["steps"]) == ("dpm-solver-sde", 3)  # the fast sampler, not the grids' 5 steps
     assert record["frechet_distance"] == pytest.approx(distances[-1].value, rel=1e-5)
     assert record["floor"]["num_images"] == 20 and record["floor"]["description"] == "digits, split test, 8 px"
     card = (output_dir / "README.md").read_text()
     assert f"{record['frechet_distance']:.4g}" in card and "Measured on 20 samples (dpm-solver-sde, 3 steps)" in card
     assert f"held-out real images (digits, split test, 8 px), the floor no model can be expected to beat, is " \
            f"{record['floor']['frechet_distance']:.4g}" in card
-    assert "seconds" not in {result.metric_type for result in ModelCard.load(output_dir / "README.md").data.eval_results}
+    metrics = {result.metric_type for result in ModelCard.load(output_dir / "README.md").data.eval_results}
+    assert "seconds" not in metrics and "frechet_distance" in metrics
     assert "\n# run\n" in card and "your-username/run" in card and ".tmp" not in card  # named after output_dir
     assert any(hf_constants.HF_HOME in str(path) for path in (tmp_path / "hf_home").rglob("*.npz"))
 

@@ -1,4 +1,4 @@
-"""The sweep's curve: distance against model calls, a line per sampler. Needs matplotlib (`pip install ddpm_hf[plots]`)."""
+"""The sweep's curve: distance against model calls, a line per sampler. Needs matplotlib (`ddpm_hf[plots]`)."""
 
 from __future__ import annotations
 

@@ -2,9 +2,9 @@
 
 ```py
 >>> from ddpm_hf.evaluation import sweep_samplers
->>> sweep = sweep_samplers(pipe, ["ddpm", "dpm-solver"], [10, 20, 1000], num_samples=360)
->>> sweep.recommendation.sampler, sweep.recommendation.steps
-('dpm-solver', 10)
+>>> sweep = sweep_samplers(pipe, ["ddpm", "dpm-solver-sde", "unipc"], [10, 20, 1000], num_samples=360)
+>>> sweep.recommendation.sampler, sweep.recommendation.steps  # on the README main job's model
+('dpm-solver-sde', 20)
 ```
 """
 
@@ -25,6 +25,7 @@ from ..pipelines.fast_sampler import FastSampler
 from ..schedulers.samplers import SAMPLERS, SWEEP_SAMPLERS, check_num_steps, get_sampler, sweep_steps
 from .evaluate import EvaluationResult, compare, generate_images, prepare_evaluation
 from .floor import RealDataFloor
+
 
 @dataclass
 class SweepPoint:
@@ -55,7 +56,7 @@ class SamplerSweep:
 
     points: list[SweepPoint]
     tolerance: float  # distances within this of the best count as equally good
-    tolerance_source: str  # "the floor's standard deviation", or "--tolerance"
+    tolerance_source: str  # "the floor's standard deviation", or "given"
     floor: RealDataFloor | None
     num_samples: int
     seed: int
@@ -64,6 +65,7 @@ class SamplerSweep:
     reference: str
     features: str
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # per sampler: class and settings
+    device: str = "cpu"  # where the model sampled, for the record of the timings
 
     @property
     def best(self) -> SweepPoint:
@@ -112,8 +114,8 @@ class SamplerSweep:
         if self.floor is not None:
             floor = self.floor
             lines.append(f"Real-data floor: {floor.frechet_distance:.3f} ± {floor.std:.3f} ({floor.num_images} images "
-                         f"of {floor.description}; standard deviation over {floor.num_partitions} random partitions of the real "
-                         "images)")
+                         f"of {floor.description}; standard deviation over {floor.num_partitions} random partitions "
+                         "of the real images)")
         best, recommended = self.best, self.recommendation
         lines.append(f"Tolerance: {self.tolerance:.3f} ({self.tolerance_source}). Best: {best.sampler}, {best.steps} "
                      f"steps, FD {best.frechet_distance:.3f}.")
@@ -140,7 +142,7 @@ class SamplerSweep:
             "samplers": self.settings,
             "points": [point.to_dict() for point in self.points],
             "environment": {"torch": torch.__version__, "diffusers": diffusers.__version__,
-                            "device": _device_name(), "python": platform.python_version()},
+                            "device": _device_name(self.device), "python": platform.python_version()},
         }
 
 
@@ -233,7 +235,7 @@ def sweep_samplers(
     return SamplerSweep(
         points, floor.std if tolerance is None else tolerance,
         "the floor's standard deviation" if tolerance is None else "given", floor, num_samples, seed, batch_size,
-        num_train_timesteps, reference_set.description, extractor.name, settings,
+        num_train_timesteps, reference_set.description, extractor.name, settings, str(pipeline.device),
     )
 
 
@@ -243,7 +245,7 @@ def _model_calls(scheduler, steps: int) -> int:
     return len(scheduler.timesteps)
 
 
-def _device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
+def _device_name(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(device)
     return f"CPU ({torch.get_num_threads()} threads)"

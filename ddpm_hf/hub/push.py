@@ -43,9 +43,10 @@ def push_to_hub(
 
     Only `model_index.json`, `unet/` and `scheduler/` (configs and safetensors weights), `README.md`, the evaluation
     and sampler-sweep records and the images at the top of the folder are uploaded: never checkpoints, optimizer
-    states, logs or training arguments. The card is (re)generated first, with usage snippets that load `repo_id`, unless the folder holds a hand-written
-    one. Everything is checked before the first request; when the Hub fails midway the local files are intact,
-    and running the same push again finishes it without re-sending what already arrived.
+    states, logs or training arguments. The card is (re)generated first, with usage snippets that load `repo_id`,
+    unless the folder holds a hand-written one. Everything is checked before the first request; when the Hub fails
+    midway the local files are intact, and running the same push again finishes it without re-sending what already
+    arrived.
 
     Args:
         folder_or_pipeline (`str`, `os.PathLike` or [`~diffusers.DiffusionPipeline`]): A folder written by

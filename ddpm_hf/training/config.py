@@ -112,7 +112,8 @@ class TrainingConfig:
             raise ValueError(f"--ddpm_num_inference_steps ({self.ddpm_num_inference_steps}) cannot exceed "
                              f"--ddpm_num_steps ({self.ddpm_num_steps}).")
         if self.eval_steps > self.ddpm_num_steps:
-            raise ValueError(f"--eval_steps ({self.eval_steps}) cannot exceed --ddpm_num_steps ({self.ddpm_num_steps}).")
+            raise ValueError(f"--eval_steps ({self.eval_steps}) cannot exceed --ddpm_num_steps "
+                             f"({self.ddpm_num_steps}).")
         if self.data.streaming and self.dataloader_num_workers > 0:
             raise ValueError("--streaming needs --dataloader_num_workers 0: the stream's position, which a resume "
                              "restores, lives in the dataset and DataLoader workers would each hold a copy.")
