@@ -2,6 +2,8 @@
 
     python benchmarks/bench_quality.py                                         # the bar, on a CPU
     python benchmarks/bench_quality.py --max_train_steps 300 --inference_steps 100   # a quick look
+    python benchmarks/bench_quality.py --sweep                                 # and the sweep of ddpm_hf's model
+    python benchmarks/bench_quality.py --model outputs/ddpm-digits --sweep     # floor, that model and its sweep only
 
 Rows, each scored against the embedded digits' train split (1,437 images) with the shipped digits
 classifier's features, from the same number of images (360 by default, the size of the held-out split):
@@ -13,6 +15,13 @@ classifier's features, from the same number of images (360 by default, the size 
   default optimisation (AdamW lr 1e-4, betas (0.95, 0.999), weight decay 1e-6, 500 warmup steps, cosine,
   EMA up to 0.9999 with power 3/4, clipping at 1) on diffusers' own `UNet2DModel` and `DDPMScheduler`,
   with the same budget: the same network, data, batch size, number of steps and seed.
+
+With `--sweep`, ddpm_hf's model is also sampled with every sampler of `ddpm-hf sweep` (ddpm, ddim, dpm-solver,
+dpm-solver-sde, unipc, euler-ancestral) at 5, 10, 20, 50 and 1000 steps, from the same seeds, and the script checks
+the fast-sampling targets: some sampler within the floor's standard deviation of the 1000-step DDPM distance with
+at most 10 model calls, one at least as good with at most 20, and evaluation of 360 samples with the fast sampler
+in under 10% of the training time. It writes the sweep's JSON beside the model and the curve to `--plot`
+(docs/sampler_sweep.png, which the README shows). Seconds are of this machine and its load at the time.
 
 Both models sample with the 1000-step ancestral DDPM sampler (or `--sampler ddim`), image i from seed i.
 The peer samples through ddpm_hf's `DDPMPipeline` loop around diffusers' components (the same loop as
@@ -37,7 +46,12 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from ddpm_hf import DDPMPipeline
-from ddpm_hf.evaluation import EvaluationResult, digits_split, evaluate_images, evaluate_pipeline
+from ddpm_hf.evaluation import EvaluationResult, digits_split, evaluate_images, evaluate_pipeline, sweep_samplers
+from ddpm_hf.evaluation.plots import plot_sweep
+from ddpm_hf.evaluation.sweep import SamplerSweep
+from ddpm_hf.hub import read_training_metadata
+from ddpm_hf.pipelines.fast_sampler import SWEEP_FILE, write_json_atomically
+from ddpm_hf.schedulers.samplers import EVAL_SAMPLER, EVAL_STEPS, SWEEP_SAMPLERS, SWEEP_STEPS
 from ddpm_hf.training import DataConfig, TrainingConfig, load_train_data, load_unet_config, train
 
 SAMPLERS = {"ddpm": diffusers.DDPMScheduler, "ddim": diffusers.DDIMScheduler}
@@ -78,12 +92,24 @@ def floor_row(args: argparse.Namespace, training: TrainingConfig) -> Row:
 
 
 def ours_row(args: argparse.Namespace, training: TrainingConfig) -> Row:
-    """Train with the README main job's settings and score the saved EMA pipeline."""
-    start = time.perf_counter()
-    pipeline = train(training)
-    if pipeline is None:
-        raise SystemExit("Training was stopped by a signal; the benchmark has no model to score.")
-    return score("ddpm_hf: README main job", pipeline, args, time.perf_counter() - start)
+    """Train with the README main job's settings (or load `--model`) and score the saved EMA pipeline; with
+    `--sweep`, sweep it too, and take the row from the sweep's pair of the same sampler and steps."""
+    if args.model is not None:
+        pipeline = DDPMPipeline.from_pretrained(args.model)
+        train_seconds = read_training_metadata(args.model).get("training_time_seconds")
+    else:
+        start = time.perf_counter()
+        pipeline = train(training)
+        if pipeline is None:
+            raise SystemExit("Training was stopped by a signal; the benchmark has no model to score.")
+        train_seconds = round(time.perf_counter() - start, 1)
+    name = "ddpm_hf: README main job"
+    if not args.sweep:
+        return score(name, pipeline, args, train_seconds)
+    sweep = sweep_ours(pipeline, args, train_seconds)
+    same = sweep.point(args.sampler, args.inference_steps)
+    return score(name, pipeline, args, train_seconds) if same is None else Row(name, same.result, train_seconds,
+                                                                                same.seconds)
 
 
 def peer_row(args: argparse.Namespace, training: TrainingConfig) -> Row:
@@ -130,12 +156,49 @@ def train_peer(training: TrainingConfig, peer: PeerConfig) -> DDPMPipeline:
     return DDPMPipeline(unet=unet.eval(), scheduler=scheduler)
 
 
-def score(name: str, pipeline: DDPMPipeline, args: argparse.Namespace, train_seconds: float) -> Row:
+def score(name: str, pipeline: DDPMPipeline, args: argparse.Namespace, train_seconds: float | None) -> Row:
+    original = pipeline.scheduler
     pipeline.scheduler = SAMPLERS[args.sampler].from_config(pipeline.scheduler.config)
     start = time.perf_counter()
     result = evaluate_pipeline(pipeline, args.num_samples, num_inference_steps=args.inference_steps,
                                cache_dir=args.cache_dir, show_progress=True)
-    return Row(name, result, round(train_seconds, 1), round(time.perf_counter() - start, 1))
+    pipeline.scheduler = original
+    return Row(name, result, None if train_seconds is None else round(train_seconds, 1),
+               round(time.perf_counter() - start, 1))
+
+
+def sweep_ours(pipeline: DDPMPipeline, args: argparse.Namespace, train_seconds: float | None) -> SamplerSweep:
+    """Every sampler and step count on ddpm_hf's model, its table, curve and JSON, and the fast-sampling targets."""
+    pairs = None  # every sampler with every step count, as `ddpm-hf sweep` does
+    if args.sweep_pairs == "short":
+        pairs = [(name, steps) for name in SWEEP_SAMPLERS for steps in SWEEP_STEPS] + [("ddpm", 1000)]
+    sweep = sweep_samplers(pipeline, pairs=pairs, num_samples=args.num_samples, cache_dir=args.cache_dir,
+                           show_progress=True)
+    print(sweep.report())
+    write_json_atomically(args.output_dir / SWEEP_FILE, sweep.to_dict())
+    plot_sweep(sweep, args.plot, title=f"The README main job's model: samplers on {args.num_samples} samples")
+    print(f"Wrote {args.output_dir / SWEEP_FILE} and {args.plot}.")
+    check_targets(sweep, train_seconds)
+    return sweep
+
+
+def check_targets(sweep: SamplerSweep, train_seconds: float | None):
+    """Print whether the sweep meets the fast-sampling targets of the README."""
+    baseline, std = sweep.point("ddpm", sweep.num_train_timesteps), sweep.floor.std
+    for calls, bound, what in ((10, baseline.frechet_distance + std, "within the floor's std of"),
+                               (20, baseline.frechet_distance, "at least as good as")):
+        best = min((p for p in sweep.points if p.model_calls <= calls), key=lambda p: p.frechet_distance)
+        verdict = "met" if best.frechet_distance <= bound else "NOT met"
+        print(f"Target {verdict}: at <= {calls} model calls, {what} {sweep.num_train_timesteps} DDPM steps "
+              f"(FD {baseline.frechet_distance:.2f}, floor std {std:.2f}): best {best.sampler}, {best.steps} steps, "
+              f"FD {best.frechet_distance:.2f}.")
+    fast = sweep.point(EVAL_SAMPLER, EVAL_STEPS)
+    if fast is not None and train_seconds:
+        verdict = "met" if fast.seconds < 0.1 * train_seconds else "NOT met"
+        share = 100 * fast.seconds / train_seconds
+        print(f"Target {verdict} (timing of this machine, under its load): sampling {sweep.num_samples} images with "
+              f"{EVAL_SAMPLER}, {EVAL_STEPS} steps took {fast.seconds:.1f} s, {share:.1f}% of the "
+              f"{train_seconds:.0f} s of training.")
 
 
 def print_table(rows: list[Row]):
@@ -157,6 +220,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--inference_steps", type=int, default=1000, help="sampling steps (default: 1000)")
     parser.add_argument("--output_dir", type=Path, default=Path("outputs/bench_quality"),
                         help="where the trained ddpm_hf pipeline and the reference cache go")
+    parser.add_argument("--model", type=Path, help="score this saved README main-job pipeline instead of training "
+                        "one (the peer, which would need training, is left out)")
+    parser.add_argument("--sweep", action="store_true", help="also sweep every sampler and step count on ddpm_hf's "
+                        "model and check the fast-sampling targets")
+    parser.add_argument("--sweep_pairs", choices=("full", "short"), default="full", help="full: every sampler at "
+                        "5, 10, 20, 50 and 1000 steps, as `ddpm-hf sweep`; short: every sampler at 5, 10, 20 and 50, "
+                        "and ddpm at 1000 (the baseline), a quarter of the sampling (default: full)")
+    parser.add_argument("--plot", type=Path, default=Path("docs/sampler_sweep.png"),
+                        help="where the sweep's curve goes (default: docs/sampler_sweep.png)")
     return parser.parse_args()
 
 
@@ -169,14 +241,15 @@ def main():
     training = TrainingConfig(output_dir=str(args.output_dir / "ddpm_hf"), overwrite_output_dir=True, logger="none",
                               save_images_steps=10**9, ddpm_num_inference_steps=100, **steps)
     rows = []
-    for make_row in (floor_row, ours_row, peer_row):
+    for make_row in (floor_row, ours_row) if args.model else (floor_row, ours_row, peer_row):
         rows.append(make_row(args, training))
         print(rows[-1].to_json(), flush=True)
     print_table(rows)
-    ours, peer = rows[1].result.frechet_distance, rows[2].result.frechet_distance
-    verdict = "at least as good as" if ours <= peer else "WORSE than"
-    print(f"ddpm_hf (FD {ours:.2f}) is {verdict} the peer (FD {peer:.2f}) after {training.max_train_steps} steps, "
-          f"sampled with {args.inference_steps} {args.sampler} steps.")
+    if len(rows) == 3:
+        ours, peer = rows[1].result.frechet_distance, rows[2].result.frechet_distance
+        verdict = "at least as good as" if ours <= peer else "WORSE than"
+        print(f"ddpm_hf (FD {ours:.2f}) is {verdict} the peer (FD {peer:.2f}) after {training.max_train_steps} "
+              f"steps, sampled with {args.inference_steps} {args.sampler} steps.")
 
 
 if __name__ == "__main__":

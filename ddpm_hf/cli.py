@@ -2,6 +2,7 @@
 
     ddpm-hf sample MODEL [--num-images N] [--batch-size B] [--steps S] [--seed X] [--out DIR_OR_GRID] [--gif ...]
     ddpm-hf evaluate MODEL --reference ... [--num-samples N]
+    ddpm-hf sweep MODEL [--samplers ddpm,dpm-solver,...] [--steps 5,10,...] [--out DIR] [--save]
     ddpm-hf noise IMAGE [--out STRIP]
     ddpm-hf push OUTPUT_DIR REPO_ID [--private] [--token TOKEN] [--commit-message MESSAGE] [--revision BRANCH]
     ddpm-hf card OUTPUT_DIR [--repo-id REPO_ID] [--force]
@@ -17,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .commands import add_evaluate_command, add_noise_command, add_sample_command
+from .commands import add_evaluate_command, add_noise_command, add_sample_command, add_sweep_command
 from .hub import HubPushError, check_saved_pipeline, is_generated_card, push_to_hub, write_model_card
 from .hub.card import CARD_NAME
 
@@ -73,13 +74,14 @@ def run_card(args: argparse.Namespace) -> None:
 
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    add_sample_command, add_evaluate_command, add_noise_command, add_push_command, add_card_command,
+    add_sample_command, add_evaluate_command, add_sweep_command, add_noise_command, add_push_command, add_card_command,
 ]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddpm-hf", description="Work with saved DDPM pipelines: sample and "
-                                     "evaluate them, push them to the Hugging Face Hub, write their model cards.")
+                                     "evaluate them, find their fastest sampler, push them to the Hugging Face Hub, "
+                                     "write their model cards.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_command in SUBCOMMANDS:
         add_command(subparsers)

@@ -1,9 +1,11 @@
-"""The `sample`, `evaluate` and `noise` subcommands of `ddpm-hf`.
+"""The `sample`, `evaluate`, `sweep` and `noise` subcommands of `ddpm-hf`.
 
-    ddpm-hf sample MODEL [--num-images N] [--batch-size B] [--steps S] [--scheduler ddim] [--seed X]
+    ddpm-hf sample MODEL [--num-images N] [--batch-size B] [--steps S] [--scheduler ddim] [--fast] [--seed X]
                          [--out DIR_OR_GRID.png] [--gif PATH] [--strip PATH]
     ddpm-hf evaluate MODEL [--reference digits|HUB_ID|FOLDER] [--split SPLIT] [--features digits|inception]
-                           [--num-samples N] [--steps S] [--scheduler ddim] [--output metrics.json]
+                           [--num-samples N] [--steps S] [--scheduler ddim] [--fast] [--output metrics.json]
+    ddpm-hf sweep MODEL [--samplers ddpm,ddim,...] [--steps 5,10,...] [--num-samples N] [--reference ...]
+                        [--out DIR] [--save]
     ddpm-hf noise MODEL IMAGE [--timesteps 0,100,...] [--out noising.png]
 
 MODEL is a folder written by `save_pretrained` (a training run's --output_dir) or a Hub repo id.
@@ -13,33 +15,38 @@ Each `add_<name>_command(subparsers)` declares its arguments and sets `run` to t
 from __future__ import annotations
 
 import argparse
-import json
+import os
+import shutil
 import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-import diffusers
 import torch
 from PIL import Image
 
 from .evaluation import evaluate_pipeline, generate_images
 from .evaluation.features import FEATURE_EXTRACTORS, INCEPTION_WEIGHTS_ENV
+from .evaluation.floor import default_floor_split, format_quality
+from .evaluation.plots import CAN_PLOT, plot_sweep
+from .evaluation.sweep import SamplerSweep, sweep_samplers
+from .hub import is_generated_card, write_model_card
+from .hub.card import CARD_NAME
 from .pipelines import DDPMPipeline
-from .schedulers import DDPMScheduler
+from .pipelines.fast_sampler import SWEEP_FILE, SWEEP_PLOT, write_json_atomically
+from .schedulers.samplers import (
+    EVAL_SAMPLER,
+    EVAL_STEPS,
+    SAMPLERS,
+    SWEEP_SAMPLERS,
+    SWEEP_STEPS,
+    check_num_steps,
+    get_sampler,
+)
 from .visualization import DenoisingRecorder, forward_process_strip, make_grid, to_pil
 
-# --scheduler names: any of these can sample from a model trained with the DDPM scheduler.
-SCHEDULERS = {
-    "ddpm": DDPMScheduler,  # ancestral sampling, Ho et al. 2020: needs ~1000 steps
-    "ddim": diffusers.DDIMScheduler,  # Song et al. 2021, deterministic: 50-100 steps
-    "pndm": diffusers.PNDMScheduler,
-    "dpm-solver": diffusers.DPMSolverMultistepScheduler,  # Lu et al. 2022: 20-25 steps
-    "euler": diffusers.EulerDiscreteScheduler,
-    "euler-ancestral": diffusers.EulerAncestralDiscreteScheduler,
-}
-FAST_STEPS = 50  # default --steps for every scheduler but ddpm
+OTHER_SAMPLERS_STEPS = 50  # default --steps for a --scheduler other than ddpm
 GRID_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
@@ -51,6 +58,7 @@ def add_sample_command(subparsers: argparse._SubParsersAction) -> None:
                     "depend on --batch-size. With --gif or --strip, the first batch's denoising is drawn too.",
     )
     _add_model_arguments(parser)
+    _add_sampler_arguments(parser)
     parser.add_argument("--num-images", type=int, default=16, metavar="N", help="how many images (default: 16)")
     parser.add_argument("--out", type=Path, default=Path("samples.png"), metavar="DIR_OR_GRID",
                         help="a .png/.jpg/.webp file: one grid of all images; anything else: a folder of 00000.png, "
@@ -103,6 +111,16 @@ def add_evaluate_command(subparsers: argparse._SubParsersAction) -> None:
                     f"Inception weights file (--inception-weights or {INCEPTION_WEIGHTS_ENV}), never downloaded.",
     )
     _add_model_arguments(parser)
+    _add_sampler_arguments(parser, default_scheduler=EVAL_SAMPLER)
+    _add_reference_arguments(parser)
+    parser.add_argument("--num-samples", type=int, default=360, metavar="N", help="images to generate; compare only "
+                        "numbers from the same count (default: 360, the size of the digits' test split)")
+    parser.add_argument("--output", type=Path, metavar="FILE.json", help="also write the metrics as JSON")
+    parser.set_defaults(run=run_evaluate)
+
+
+def _add_reference_arguments(parser: argparse.ArgumentParser) -> None:
+    """The reference set and features, shared by `evaluate` and `sweep`."""
     parser.add_argument("--reference", default="digits", help='"digits" (the embedded digits), a Hub dataset id or '
                         "a local image folder (default: digits)")
     parser.add_argument("--split", default="train", help="the reference's split; the digits have train (1,437), test "
@@ -116,34 +134,115 @@ def add_evaluate_command(subparsers: argparse._SubParsersAction) -> None:
                         "the digits reference, else inception)")
     parser.add_argument("--inception-weights", type=Path, metavar="PATH", help="the TorchScript file "
                         "inception-2015-12-05.pt, for --features inception")
-    parser.add_argument("--num-samples", type=int, default=360, metavar="N", help="images to generate; compare only "
-                        "numbers from the same count (default: 360, the size of the digits' test split)")
-    parser.add_argument("--output", type=Path, metavar="FILE.json", help="also write the metrics as JSON")
     parser.add_argument("--cache-dir", type=Path, metavar="DIR", help="where reference statistics are cached "
                         "(default: $HF_HOME/ddpm_hf/reference_stats)")
-    parser.set_defaults(run=run_evaluate)
+
+
+def _reference_kwargs(args: argparse.Namespace) -> dict:
+    """The reference arguments of `evaluate_pipeline` and `sweep_samplers`."""
+    return dict(reference=args.reference, split=args.split,
+                features=args.features or ("digits" if args.reference == "digits" else "inception"),
+                inception_weights=args.inception_weights, dataset_config_name=args.dataset_config,
+                image_column=args.image_column, max_reference_images=args.max_reference_images,
+                cache_dir=args.cache_dir)
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
     pipe = _load_for_sampling(args)
-    features = args.features or ("digits" if args.reference == "digits" else "inception")
     with _plain_warnings():
         result = evaluate_pipeline(
             pipe, args.num_samples, num_inference_steps=args.steps, sample_batch_size=args.batch_size, seed=args.seed,
-            show_progress=True, reference=args.reference, split=args.split, features=features,
-            inception_weights=args.inception_weights, dataset_config_name=args.dataset_config,
-            image_column=args.image_column, max_reference_images=args.max_reference_images, cache_dir=args.cache_dir,
+            show_progress=True, floor_split=default_floor_split(args.reference, args.split), **_reference_kwargs(args),
         )
     print(f"{args.model}: {result.num_samples} samples ({args.scheduler}, {args.steps} steps, seed {args.seed}) vs "
           f"{result.reference} ({result.num_reference} images), features {result.features}")
+    print(f"  {format_quality(result)}")
     for name, value in result.metrics().items():
         print(f"  {name:<17} {value:.4f}")
     if args.output:
         record = {"model": args.model, "scheduler": args.scheduler, "steps": args.steps, "seed": args.seed,
                   **result.to_dict()}
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        write_json_atomically(args.output, record)
         print(f"Wrote {args.output}.")
+
+
+def add_sweep_command(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "sweep",
+        help="find the fastest sampler of full quality: score every (sampler, steps) pair, plot the curve",
+        description="Sample --num-samples images with every (sampler, steps) pair, image i from the noise of seed + i "
+                    "in every pair, and score each against the reference (as `evaluate` does). Writes "
+                    f"DIR/{SWEEP_FILE} and DIR/{SWEEP_PLOT} (distance against model calls; needs matplotlib: pip "
+                    "install ddpm_hf[plots]). Recommends the pair with the fewest model calls whose distance is "
+                    "within --tolerance of the best one; --save stores it in the pipeline folder for "
+                    "`sample --fast`, `evaluate --fast` and DDPMPipeline.use_fast_sampler().",
+    )
+    _add_model_arguments(parser)
+    parser.add_argument("--samplers", type=_name_list, default=list(SWEEP_SAMPLERS), metavar="NAME,...",
+                        help=f"the samplers, from {', '.join(SAMPLERS)} (default: {','.join(SWEEP_SAMPLERS)})")
+    parser.add_argument("--steps", type=_int_list, metavar="N,...", help="the step counts, each tried with every "
+                        f"sampler (default: {','.join(map(str, SWEEP_STEPS))} and the model's num_train_timesteps, "
+                        "1000 for the paper's schedule)")
+    parser.add_argument("--num-samples", type=int, default=360, metavar="N", help="images per pair (default: 360)")
+    _add_reference_arguments(parser)
+    parser.add_argument("--floor-split", default="test", metavar="SPLIT", help="held-out real images of the "
+                        "reference, scored like samples: the real-data floor, whose standard deviation is "
+                        "the default tolerance (default: test; none: no floor, give --tolerance)")
+    parser.add_argument("--tolerance", type=float, metavar="D", help="recommend the cheapest pair within D of the "
+                        "best distance (default: the floor's standard deviation)")
+    parser.add_argument("--out", type=Path, default=Path("."), metavar="DIR",
+                        help=f"where {SWEEP_FILE} and {SWEEP_PLOT} go (default: the current folder)")
+    parser.add_argument("--save", action="store_true", help="store the recommendation in MODEL (a local folder) as "
+                        "scheduler/fast_scheduler_config.json, which diffusers ignores, with the curve, and rewrite "
+                        "its model card; the weights are never touched")
+    parser.set_defaults(run=run_sweep)
+
+
+def run_sweep(args: argparse.Namespace) -> None:
+    folder = Path(args.model).expanduser()
+    if args.save and not folder.is_dir():
+        raise ValueError(f"--save writes the recommendation into the pipeline folder, but {args.model} is not a local "
+                         f"folder: download it first (`hf download {args.model} --local-dir DIR`), then sweep DIR.")
+    _check_positive(args, ("num_samples", "batch_size"))
+    for name in args.samplers:
+        get_sampler(name)
+    if not CAN_PLOT:
+        print(f"warning: matplotlib is not installed, so there will be no {SWEEP_PLOT}: pip install ddpm_hf[plots]",
+              file=sys.stderr)
+    pipe = load_pipeline(args.model, args.device)
+    floor_split = None if args.floor_split.lower() == "none" else args.floor_split
+    with _plain_warnings():
+        sweep = sweep_samplers(pipe, args.samplers, args.steps, args.num_samples, batch_size=args.batch_size,
+                               seed=args.seed, floor_split=floor_split, tolerance=args.tolerance, show_progress=True,
+                               **_reference_kwargs(args))
+    print(sweep.report())
+    write_json_atomically(args.out / SWEEP_FILE, sweep.to_dict())
+    written = [args.out / SWEEP_FILE]
+    if CAN_PLOT:
+        written.append(plot_sweep(sweep, args.out / SWEEP_PLOT, title=f"{args.model}: samplers on {args.num_samples} "
+                                                                        "samples"))
+    print(f"Wrote {', '.join(map(str, written))}.")
+    if args.save:
+        save_recommendation(folder, sweep, pipe, written)
+
+
+def save_recommendation(folder: Path, sweep: SamplerSweep, pipe: DDPMPipeline, written: list[Path]) -> None:
+    """Store the sweep's recommendation in the pipeline folder (the fast scheduler config, the sweep's JSON and plot)
+    and rewrite its model card if ddpm_hf wrote it; never the weights or diffusers' own configs."""
+    for path in written:
+        target = folder / path.name
+        if path.resolve() != target.resolve():
+            temporary = target.with_name(f".{target.name}.tmp")
+            shutil.copyfile(path, temporary)
+            os.replace(temporary, target)
+    fast_sampler = sweep.fast_sampler(pipe)
+    path = fast_sampler.save(folder)
+    print(f"Saved the recommendation ({fast_sampler.sampler}, {fast_sampler.num_inference_steps} steps) to {path}. "
+          f"Use it with `ddpm-hf sample {folder} --fast` or "
+          f"`DDPMPipeline.from_pretrained({str(folder)!r}).use_fast_sampler()`.")
+    card = folder / CARD_NAME
+    if not card.exists() or is_generated_card(card):
+        print(f"Rewrote the model card {write_model_card(folder)}.")
 
 
 def add_noise_command(subparsers: argparse._SubParsersAction) -> None:
@@ -192,32 +291,57 @@ def load_pipeline(model: str, device: str | torch.device = "cpu") -> DDPMPipelin
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The model and sampling arguments shared by `sample` and `evaluate`."""
+    """The model and sampling arguments shared by `sample`, `evaluate` and `sweep`."""
     parser.add_argument("model", metavar="MODEL", help="a saved pipeline folder (a training run's --output_dir) or a "
                         "Hub repo id")
     parser.add_argument("--batch-size", type=int, default=64, metavar="N",
                         help="images generated at a time (default: 64)")
-    parser.add_argument("--scheduler", choices=SCHEDULERS, default="ddpm", help="the sampler; all of them work with a "
-                        "model trained as a DDPM (default: ddpm)")
-    parser.add_argument("--steps", type=int, metavar="N", help="denoising steps (default: the scheduler's "
-                        f"num_train_timesteps for ddpm, {FAST_STEPS} for the others)")
     parser.add_argument("--seed", type=int, default=0, metavar="N",
                         help="image i starts from the noise of seed + i (default: 0)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where to run the model (default: cuda if available, else cpu)")
 
 
+def _add_sampler_arguments(parser: argparse.ArgumentParser, default_scheduler: str = "ddpm") -> None:
+    """The sampler arguments shared by `sample` and `evaluate`."""
+    parser.add_argument("--scheduler", choices=SAMPLERS, help="the sampler; all of them work with a model trained as "
+                        f"a DDPM (default: {default_scheduler})")
+    steps = (f"{EVAL_STEPS} for the default {EVAL_SAMPLER}, " if default_scheduler == EVAL_SAMPLER else "")
+    parser.add_argument("--steps", type=int, metavar="N", help=f"denoising steps (default: {steps}the model's "
+                        f"num_train_timesteps for ddpm, {OTHER_SAMPLERS_STEPS} for the others)")
+    parser.add_argument("--fast", action="store_true", help="the sampler and steps that `ddpm-hf sweep MODEL --save` "
+                        "measured and saved for this model")
+    parser.set_defaults(default_scheduler=default_scheduler)
+
+
 def _load_for_sampling(args: argparse.Namespace) -> DDPMPipeline:
-    """The pipeline with the --scheduler asked for; fills in the default --steps."""
-    for name in ("num_images", "num_samples", "batch_size", "steps"):
+    """The pipeline with the --scheduler asked for (or the saved one, with --fast); fills in the default --steps."""
+    _check_positive(args, ("num_images", "num_samples", "batch_size", "steps"))
+    if args.fast and (args.scheduler is not None or args.steps is not None):
+        raise ValueError("--fast samples with the saved sampler and steps: leave out --scheduler and --steps, or "
+                         "leave out --fast.")
+    pipe = load_pipeline(args.model, args.device)
+    if args.fast:
+        pipe.use_fast_sampler()
+        args.scheduler, args.steps = pipe.fast_sampler.sampler, pipe.fast_sampler.num_inference_steps
+        return pipe
+    num_train_timesteps = pipe.scheduler.config.num_train_timesteps
+    chosen, args.scheduler = args.scheduler, args.scheduler or args.default_scheduler
+    if args.steps is None:
+        if args.scheduler == "ddpm":
+            args.steps = num_train_timesteps
+        else:  # the default sampler at the steps it was validated with (see EVAL_STEPS)
+            args.steps = EVAL_STEPS if chosen is None else OTHER_SAMPLERS_STEPS
+    check_num_steps(args.steps, num_train_timesteps)
+    pipe.scheduler = SAMPLERS[args.scheduler].make_scheduler(pipe.scheduler.config)
+    return pipe
+
+
+def _check_positive(args: argparse.Namespace, names: tuple[str, ...]) -> None:
+    for name in names:
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}.")
-    pipe = load_pipeline(args.model, args.device)
-    pipe.scheduler = SCHEDULERS[args.scheduler].from_config(pipe.scheduler.config)
-    if args.steps is None:
-        args.steps = pipe.scheduler.config.num_train_timesteps if args.scheduler == "ddpm" else FAST_STEPS
-    return pipe
 
 
 def _int_list(text: str) -> list[int]:
@@ -225,6 +349,10 @@ def _int_list(text: str) -> list[int]:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _name_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 @contextmanager

@@ -184,6 +184,15 @@ def make_inputs(config: dict, batch_size: int = 2, seed: int = 0) -> dict:
     return dict(sample=sample, timestep=timestep, class_labels=class_labels)
 
 
+def save_grayscale_pipeline(path, num_train_timesteps: int) -> None:
+    """Save an untrained 8 px grayscale pipeline (the shape of the digits) with a short diffusion chain."""
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4, attention_head_dim=8)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=num_train_timesteps)).save_pretrained(path)
+
+
 def make_pipeline(config: dict, seed: int = 0, **scheduler_kwargs) -> DDPMPipeline:
     torch.manual_seed(seed)
     pipe = DDPMPipeline(unet=UNet2DModel(**config).eval(), scheduler=DDPMScheduler(**scheduler_kwargs))

@@ -12,8 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm_hf import DDPMPipeline, DDPMScheduler, UNet2DModel
+from ddpm_hf import DDPMPipeline
 from ddpm_hf.commands import add_evaluate_command, add_noise_command, add_sample_command
+
+from helpers import save_grayscale_pipeline
 
 
 def run(*argv: str) -> None:
@@ -29,12 +31,8 @@ def run(*argv: str) -> None:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A saved 8 px grayscale pipeline with 100 training timesteps (untrained)."""
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4, attention_head_dim=8)
     path = tmp_path_factory.mktemp("model")
-    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(path)
+    save_grayscale_pipeline(path, num_train_timesteps=100)
     return path
 
 

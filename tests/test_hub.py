@@ -26,6 +26,8 @@ import ddpm_hf
 from ddpm_hf.cli import main as cli_main
 from ddpm_hf.evaluation import EvaluationResult
 from ddpm_hf.hub import HubPushError, files_to_upload, push_to_hub, render_model_card, write_model_card
+from ddpm_hf.pipelines.fast_sampler import FastSampler
+from ddpm_hf.schedulers.samplers import SAMPLERS
 from ddpm_hf.training import DataConfig, TrainingConfig
 
 from helpers import make_pipeline, sample
@@ -256,7 +258,7 @@ def test_card_snippets_run_against_the_pushed_repo(hub, run_dir, tmp_path, monke
     push_to_hub(run_dir, "alice/ddpm-tiny", token=ALICE_TOKEN)
     readme = Path(hf_hub_download("alice/ddpm-tiny", "README.md", cache_dir=tmp_path / "card-cache"))
     snippets = re.findall(r"```python\n(.*?)```", readme.read_text(), flags=re.DOTALL)
-    assert len(snippets) == 3  # ddpm_hf, plain diffusers, DDIM
+    assert len(snippets) == 3  # ddpm_hf, plain diffusers, the default fast sampler
 
     monkeypatch.chdir(tmp_path)
     for index, code in enumerate(snippets):
@@ -264,6 +266,36 @@ def test_card_snippets_run_against_the_pushed_repo(hub, run_dir, tmp_path, monke
         exec(compile(code, f"README.md snippet {index}", "exec"), namespace)
         assert len(namespace["images"]) == 4
     assert Image.open(tmp_path / "ddpm_sample.png").size == (8, 8)
+
+
+def test_a_measured_fast_sampler_travels_to_the_hub_and_the_card_shows_it(hub, run_dir, pipeline, tmp_path,
+                                                                          monkeypatch):
+    scheduler = SAMPLERS["unipc"].make_scheduler(pipeline.scheduler.config)
+    measurement = {"frechet_distance": 5.2, "model_calls": 4, "ddpm_frechet_distance": 5.1, "tolerance": 0.5,
+                   "floor": {"frechet_distance": 4.4, "std": 0.5, "num_images": 360}, "num_samples": 360,
+                   "reference": "digits, split train, 8 px", "features": "digits-classifier-1234"}
+    FastSampler.from_scheduler("unipc", scheduler, 4, measurement).save(run_dir)  # as `ddpm-hf sweep --save` does
+    Image.new("RGB", (32, 32), "white").save(run_dir / "sampler_sweep.png")
+    push_to_hub(run_dir, "alice/ddpm-fast", token=ALICE_TOKEN)
+
+    fast = quiet(ddpm_hf.DDPMPipeline.from_pretrained("alice/ddpm-fast", cache_dir=tmp_path / "a").use_fast_sampler())
+    assert type(fast.scheduler) is diffusers.UniPCMultistepScheduler and fast.scheduler.config.solver_type == "bh2"
+    plain = diffusers.DDPMPipeline.from_pretrained("alice/ddpm-fast", cache_dir=tmp_path / "b")
+    assert type(plain.scheduler) is diffusers.DDPMScheduler  # diffusers ignores the second config
+
+    readme = Path(hf_hub_download("alice/ddpm-fast", "README.md", cache_dir=tmp_path / "c")).read_text()
+    assert "![Fréchet distance against model calls, for each sampler](sampler_sweep.png)" in readme
+    assert "**UniPC-2 with 4 steps**: FD_digits 5.20, against 5.10 for 20 DDPM steps and 4.40 ± 0.50" in readme
+    assert "**5x fewer model calls** (4 instead of 20)" in readme
+    snippets = re.findall(r"```python\n(.*?)```", readme, flags=re.DOTALL)
+    assert len(snippets) == 4  # ddpm_hf, plain diffusers, the fast sampler in one line and spelled out
+    spelled_out = 'UniPCMultistepScheduler.from_config(\n    pipe.scheduler.config, solver_order=2, solver_type="bh2"'
+    assert spelled_out in snippets[3]
+    monkeypatch.chdir(tmp_path)
+    for index, code in enumerate(snippets[2:]):
+        namespace = {}
+        exec(compile(code, f"README.md fast snippet {index}", "exec"), namespace)
+        assert len(namespace["images"]) == 4
 
 
 def test_card_reads_the_record_of_ddpm_hf_evaluate(tmp_path, pipeline):
@@ -517,9 +549,11 @@ def test_train_a_tiny_model_push_it_and_load_it_back(hub, tmp_path, caplog, capf
 
     api = HfApi(token=ALICE_TOKEN)
     assert api.model_info("alice/ddpm-e2e").private
-    assert set(api.list_repo_files("alice/ddpm-e2e")) == PIPELINE_FILES | {"README.md", "samples.png", ".gitattributes"}
+    files = set(api.list_repo_files("alice/ddpm-e2e"))
+    assert files == PIPELINE_FILES | {"README.md", "samples.png", "eval_results.json", ".gitattributes"}
     card = ModelCard.load("alice/ddpm-e2e", token=ALICE_TOKEN)
     assert card.data.library_name == "diffusers" and "| Optimizer steps | 2 |" in card.text
+    assert "Measured on 360 samples (dpm-solver-sde, 20 steps)" in card.text  # the run measured itself at the end
 
     output = capfd.readouterr()
     assert ALICE_TOKEN not in output.out + output.err + caplog.text

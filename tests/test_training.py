@@ -10,7 +10,7 @@ from accelerate import PartialState
 from PIL import Image
 from safetensors.torch import load_file
 from sklearn.datasets import load_digits
-from huggingface_hub import HfApi
+from huggingface_hub import HfApi, ModelCard
 from huggingface_hub import constants as hf_constants
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -55,12 +55,14 @@ def digit_folder(tmp_path_factory) -> Path:
 
 
 def make_config(output_dir: Path, folder: Path | None = None, data: dict | None = None, **overrides) -> TrainingConfig:
-    """A few steps of the `micro` UNet at 8 px, with nothing slow: sampling 5 steps of 4 images, no tracker."""
+    """A few steps of the `micro` UNet at 8 px, with nothing slow: sampling 5 steps of 4 images, no tracker, no
+    quality measurement at the end."""
     data = DataConfig(**{"resolution": 8, "train_data_dir": str(folder) if folder else None,
                          "cache_dir": str(output_dir.parent / "hf_cache"), **(data or {})})
     settings = dict(model_config="micro", train_batch_size=8, max_train_steps=6, learning_rate=2e-3,
                     lr_warmup_steps=2, checkpointing_steps=3, logging_steps=3, save_images_steps=1000,
-                    eval_batch_size=4, ddpm_num_inference_steps=5, logger="none", output_dir=str(output_dir))
+                    eval_batch_size=4, ddpm_num_inference_steps=5, logger="none", output_dir=str(output_dir),
+                    eval_at_end=False)
     return TrainingConfig(data=data, **{**settings, **overrides})
 
 
@@ -315,7 +317,8 @@ def test_latest_ignores_half_written_checkpoints(tmp_path, caplog):
 def test_eval_every_logs_sample_quality_and_puts_the_last_in_the_model_card(tmp_path, monkeypatch):
     monkeypatch.setattr(hf_constants, "HF_HOME", str(tmp_path / "hf_home"))  # the reference statistics' cache
     output_dir = tmp_path / "run"
-    train(make_config(output_dir, max_train_steps=6, eval_every=4, eval_num_samples=20, logger="tensorboard"))
+    train(make_config(output_dir, max_train_steps=6, eval_every=4, eval_num_samples=20, eval_steps=3,
+                      logger="tensorboard"))
 
     events = EventAccumulator(str(output_dir / "logs" / "ddpm_hf"))
     events.Reload()
@@ -326,12 +329,34 @@ def test_eval_every_logs_sample_quality_and_puts_the_last_in_the_model_card(tmp_
     assert {"eval/kid", "eval/precision", "eval/recall", "eval/class_coverage"} <= set(events.Tags()["scalars"])
 
     record = json.loads((output_dir / "eval_results.json").read_text())
-    assert record["num_samples"] == 20 and record["steps"] == 5 and record["features"].startswith("digits")
+    assert record["num_samples"] == 20 and record["features"].startswith("digits")
+    assert (record["scheduler"], record["steps"]) == ("dpm-solver-sde", 3)  # the fast sampler, not the grids' 5 steps
     assert record["frechet_distance"] == pytest.approx(distances[-1].value, rel=1e-5)
+    assert record["floor"]["num_images"] == 20 and record["floor"]["description"] == "digits, split test, 8 px"
     card = (output_dir / "README.md").read_text()
-    assert f"{record['frechet_distance']:.4g}" in card and "Measured on 20 samples (ddpm, 5 steps)" in card
+    assert f"{record['frechet_distance']:.4g}" in card and "Measured on 20 samples (dpm-solver-sde, 3 steps)" in card
+    assert f"held-out real images (digits, split test, 8 px), the floor no model can be expected to beat, is " \
+           f"{record['floor']['frechet_distance']:.4g}" in card
+    metrics = {result.metric_type for result in ModelCard.load(output_dir / "README.md").data.eval_results}
+    assert "seconds" not in metrics and "frechet_distance" in metrics
     assert "\n# run\n" in card and "your-username/run" in card and ".tmp" not in card  # named after output_dir
     assert any(hf_constants.HF_HOME in str(path) for path in (tmp_path / "hf_home").rglob("*.npz"))
+
+
+def test_a_run_ends_by_measuring_its_quality_beside_the_real_digits(tmp_path, digit_folder, monkeypatch, caplog):
+    monkeypatch.setattr(hf_constants, "HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.delenv("DDPM_HF_INCEPTION_WEIGHTS", raising=False)
+    with caplog.at_level("INFO", logger="ddpm_hf.training.loop"):
+        train(make_config(tmp_path / "digits", max_train_steps=2, eval_at_end=True, eval_num_samples=12, eval_steps=2))
+        train(make_config(tmp_path / "folder", digit_folder, max_train_steps=2, eval_at_end=True))
+    record = json.loads((tmp_path / "digits" / "eval_results.json").read_text())
+    assert (record["num_samples"], record["scheduler"], record["steps"]) == (12, "dpm-solver-sde", 2)
+    line = next(message for message in caplog.messages if "FD_digits" in message)
+    floor = record["floor"]
+    assert (f"Step 2: FD_digits {record['frechet_distance']:.2f} (real digits: {floor['frechet_distance']:.2f} ± "
+            f"{floor['std']:.2f})") in line
+    assert not (tmp_path / "folder" / "eval_results.json").exists()  # other images need Inception: skipped
+    assert any("will not be measured at the end" in message for message in caplog.messages)
 
 
 def test_eval_every_on_images_other_than_the_digits_needs_the_inception_weights(tmp_path, digit_folder, monkeypatch):

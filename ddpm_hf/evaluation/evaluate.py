@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from ..pipelines import DDPMPipeline
 from .features import DigitsFeatures, FeatureExtractor, compute_features, get_feature_extractor
+from .floor import RealDataFloor, prepare_floor
 from .metrics import FeatureStats, frechet_distance, kernel_inception_distance, precision_recall
 from .reference import DIGITS, ReferenceStats, reference_stats
 
@@ -39,6 +40,7 @@ class EvaluationResult:
     reference: str  # which images the samples were compared with
     confidence: float | None = None  # digits features: the classifier's mean top-class probability
     class_coverage: float | None = None  # digits features: share of the 10 digits confidently read at least once
+    floor: RealDataFloor | None = None  # the same distance for as many held-out real images, when measured
 
     def metrics(self) -> dict[str, float]:
         """The numeric metrics, for trackers (`accelerator.log({f"eval/{k}": v ...})`) and tables."""
@@ -86,6 +88,7 @@ def evaluate_pipeline(
     sample_batch_size: int = 64,
     seed: int = 0,
     show_progress: bool = False,
+    floor_split: str | None = None,
     **reference_kwargs: Any,
 ) -> EvaluationResult:
     """Generate `num_samples` images with `pipeline` (see [`generate_images`]) and compare them with a reference.
@@ -100,6 +103,8 @@ def evaluate_pipeline(
         sample_batch_size (`int`): Images generated at a time.
         seed (`int`): Image i starts from the noise of seed + i.
         show_progress (`bool`): Show a progress bar over all denoising steps.
+        floor_split (`str`, *optional*): A held-out split of the reference (the digits' "test"): its first
+            `num_samples` images are scored too, as `result.floor` (see [`real_data_floor`]).
         reference_kwargs: The reference set and features, see [`prepare_reference`].
 
     Example (the embedded digits, the default reference):
@@ -110,16 +115,30 @@ def evaluate_pipeline(
     >>> result.frechet_distance, result.confidence
     ```
     """
+    extractor, reference_set, floor = prepare_evaluation(pipeline, num_samples, floor_split, **reference_kwargs)
+    images = generate_images(pipeline, num_samples, batch_size=sample_batch_size,
+                             num_inference_steps=num_inference_steps, seed=seed, show_progress=show_progress)
+    result = compare(images, extractor, reference_set)
+    result.floor = floor
+    return result
+
+
+def prepare_evaluation(
+    pipeline: DDPMPipeline, num_samples: int, floor_split: str | None = None, **reference_kwargs: Any
+) -> tuple[FeatureExtractor, ReferenceStats, RealDataFloor | None]:
+    """Everything scoring `num_samples` images of `pipeline` needs, checked before any is generated: the features,
+    the reference statistics (see [`prepare_reference`]) and, with `floor_split`, the real-data floor."""
     size = pipeline.unet.config.sample_size
     height, width = (size, size) if isinstance(size, int) else size
     if height != width:
         raise ValueError(f"Evaluation compares square images; the model makes {height}x{width} ones.")
     reference_kwargs.setdefault("device", pipeline.device)
     extractor, reference_set = prepare_reference(pipeline.unet.config.in_channels, height, **reference_kwargs)
+    floor = None
+    if floor_split is not None:
+        floor = prepare_floor(extractor, reference_set, floor_split, num_samples, **reference_kwargs)
     _warn_if_few(num_samples, "generated images", extractor)
-    images = generate_images(pipeline, num_samples, batch_size=sample_batch_size,
-                             num_inference_steps=num_inference_steps, seed=seed, show_progress=show_progress)
-    return compare(images, extractor, reference_set)
+    return extractor, reference_set, floor
 
 
 def prepare_reference(
@@ -200,19 +219,24 @@ def generate_images(
     seed: int = 0,
     first_batch_callback: StepCallback | None = None,
     show_progress: bool = False,
+    bar: tqdm | None = None,
 ) -> torch.Tensor:
     """Sample `num_images` images as uint8 `(N, C, H, W)`, `batch_size` at a time.
 
     Image i starts from the noise of `torch.Generator().manual_seed(seed + i)`, drawn on the CPU, so the
     images do not depend on `batch_size`, and the starting noise is the same on every device.
     `num_inference_steps` defaults to the scheduler's `num_train_timesteps`. `first_batch_callback` (e.g. a
-    [`DenoisingRecorder`]) sees the steps of the first batch.
+    [`DenoisingRecorder`]) sees the steps of the first batch. With `bar`, the steps advance that progress bar
+    (one over several calls) instead of a new one.
     """
     if num_images < 1:
         raise ValueError(f"The number of images must be positive, got {num_images}.")
     steps = num_inference_steps or pipeline.scheduler.config.num_train_timesteps
     num_batches = math.ceil(num_images / batch_size)
-    bar = tqdm(total=num_batches * steps, desc=f"Sampling {num_images} images", unit="step", disable=not show_progress)
+    own_bar = bar is None
+    if own_bar:
+        bar = tqdm(total=num_batches * steps, desc=f"Sampling {num_images} images", unit="step",
+                   disable=not show_progress)
 
     def count_step(pipe, step_index, timestep, state):
         bar.update()
@@ -230,7 +254,8 @@ def generate_images(
             images = pipeline(batch_size=size, generator=generators, num_inference_steps=steps, output_type="pt",
                               callback_on_step_end=callback).images
             batches.append(_to_uint8(images.cpu()))
-    bar.close()
+    if own_bar:
+        bar.close()
     return torch.cat(batches)
 
 

@@ -9,7 +9,9 @@ inside the package). Everything on the card is read from the output folder:
   `training_time_seconds`, `base_model`;
 - `eval_results.json`, when sample quality was measured: what `ddpm-hf evaluate --output` writes, or simply
   `{"fid": 3.17, ...}`;
-- images at the top level of the folder (the sample grid): shown on the card and uploaded beside it.
+- images at the top level of the folder (the sample grid): shown on the card and uploaded beside it;
+- `scheduler/fast_scheduler_config.json` and `sampler_sweep.png`, written by `ddpm-hf sweep --save`: the
+  measured fast sampler, its speed-up and the curve behind it.
 """
 
 from __future__ import annotations
@@ -18,11 +20,15 @@ import json
 import math
 import os
 import re
+import textwrap
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from safetensors import safe_open
+
+from ..pipelines.fast_sampler import SWEEP_PLOT, FastSampler
+from ..schedulers.samplers import EVAL_SAMPLER, EVAL_STEPS, SAMPLERS
 
 TEMPLATE_PATH = Path(__file__).parent / "model_cards" / "ddpm_pipeline.md"
 CARD_NAME = "README.md"
@@ -101,6 +107,8 @@ def render_model_card(
                       for name, value in metrics.items()] or None,
     )
     num_train_timesteps = scheduler_config.get("num_train_timesteps", 1000)
+    fast_sampler = FastSampler.load(folder)
+    images = sample_images(folder)
     resolution = _resolution(unet_config)
     return ModelCard.from_template(
         card_data,
@@ -109,9 +117,9 @@ def render_model_card(
         repo_id=repo_id,
         image_description=f"{resolution} {_colour(unet_config)} images",
         trained_on=dataset.text if training else None,
-        sample_images=sample_images(folder),
+        sample_images=[image for image in images if image != SWEEP_PLOT],
         num_train_timesteps=num_train_timesteps,
-        ddim_steps=min(50, max(1, num_train_timesteps // 5)),
+        fast=_fast_sampling(fast_sampler, num_train_timesteps, SWEEP_PLOT in images and fast_sampler is not None),
         model_details=_model_details(folder / "unet", unet_config, training),
         scheduler_details=_scheduler_details(scheduler_config),
         training_details=_training_details(training, dataset),
@@ -190,7 +198,7 @@ def _metrics(evaluation: dict[str, Any]) -> dict[str, float]:
     return {("fid" if name == "frechet_distance" and is_fid else name): float(value)
             for name, value in evaluation.items()
             if isinstance(value, (int, float)) and not isinstance(value, bool) and not name.endswith("_std")
-            and not name.startswith("num_") and name not in ("steps", "seed")}
+            and not name.startswith("num_") and name not in ("steps", "seed", "seconds")}
 
 
 def _evaluation_setup(evaluation: dict[str, Any]) -> str | None:
@@ -202,7 +210,64 @@ def _evaluation_setup(evaluation: dict[str, Any]) -> str | None:
     against = f" against {get('reference')}" if get("reference") else ""
     references = f" ({get('num_reference'):,} images)" if get("num_reference") else ""
     features = f", in {get('features')} features" if get("features") else ""
-    return f"Measured on {get('num_samples'):,} samples{sampler}{against}{references}{features}."
+    text = f"Measured on {get('num_samples'):,} samples{sampler}{against}{references}{features}."
+    floor = get("floor")
+    if floor:
+        text += (f" The same distance for {floor['num_images']:,} held-out real images ({floor['description']}), the "
+                 f"floor no model can be expected to beat, is {floor['frechet_distance']:.4g} ± {floor['std']:.2g}.")
+    return text
+
+
+def _fast_sampling(fast_sampler: FastSampler | None, num_train_timesteps: int, has_plot: bool) -> dict[str, Any]:
+    """The card's fast-sampling section: the measured sampler (`ddpm-hf sweep --save`), or ddpm_hf's default one."""
+    if fast_sampler is None:
+        name, steps = EVAL_SAMPLER, min(EVAL_STEPS, num_train_timesteps)
+    else:
+        name, steps = fast_sampler.sampler, fast_sampler.num_inference_steps
+    sampler = SAMPLERS[name]
+    config = fast_sampler.scheduler_config if fast_sampler is not None else sampler.settings
+    arguments = ["pipe.scheduler.config"] + [f"{key}={_python_literal(config[key])}" for key in sampler.settings
+                                             if key in config]
+    settings = textwrap.fill(", ".join(arguments), width=100, initial_indent="    ", subsequent_indent="    ")
+    library = "ddpm_hf" if sampler.scheduler_class.__module__.startswith("ddpm_hf") else "diffusers"
+    return {
+        "measured": fast_sampler is not None,
+        "title": sampler.title,
+        "paper": sampler.paper,
+        "steps": steps,
+        "class_name": sampler.scheduler_class.__name__,
+        "import_line": f"from {library} import {sampler.scheduler_class.__name__}",
+        "arguments": settings,
+        "plot": SWEEP_PLOT if has_plot else None,
+        "summary": _sweep_summary(sampler.title, fast_sampler, num_train_timesteps) if fast_sampler else None,
+    }
+
+
+def _sweep_summary(title: str, fast_sampler: FastSampler, num_train_timesteps: int) -> str:
+    """What the sweep measured, in two sentences."""
+    measured = fast_sampler.measurement
+    steps = fast_sampler.num_inference_steps
+    name = "FD_digits" if str(measured.get("features", "")).startswith("digits") else "FID"
+    text = (f"`ddpm-hf sweep` sampled {measured.get('num_samples', '?')} images with each sampler and number of steps, "
+            f"and scored them against {measured.get('reference', 'the training data')}. The fastest within "
+            f"{measured.get('tolerance', 0):.2f} of the best distance is **{title} with {steps} steps**: {name} "
+            f"{measured.get('frechet_distance', float('nan')):.2f}")
+    others = []
+    if measured.get("ddpm_frechet_distance") is not None:
+        others.append(f"{measured['ddpm_frechet_distance']:.2f} for {num_train_timesteps:,} DDPM steps")
+    floor = measured.get("floor")
+    if floor:
+        others.append(f"{floor['frechet_distance']:.2f} ± {floor['std']:.2f} for {floor['num_images']} real images")
+    if others:
+        text += ", against " + " and ".join(others)
+    calls = measured.get("model_calls", steps)
+    return (text + f". That is **{num_train_timesteps / calls:.0f}x fewer model calls** ({calls} instead of "
+            f"{num_train_timesteps:,}).")
+
+
+def _python_literal(value: Any) -> str:
+    """A config value as Python source (JSON's true/null are Python's True/None)."""
+    return json.dumps(value) if isinstance(value, str) else repr(value)
 
 
 def _resolution(unet_config: dict[str, Any]) -> str:

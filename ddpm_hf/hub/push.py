@@ -16,6 +16,7 @@ from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from huggingface_hub.utils import validate_repo_id
 
+from ..pipelines.fast_sampler import SWEEP_FILE
 from .card import CARD_NAME, EVAL_RESULTS_FILE, sample_images, write_model_card
 
 if TYPE_CHECKING:
@@ -50,13 +51,13 @@ def push_to_hub(
     r"""
     Uploads a saved pipeline, its model card and its sample images to a Hub repo, creating the repo if needed.
 
-    Only `model_index.json`, `unet/` and `scheduler/` (configs and safetensors weights), `README.md` and the images
-    at the top of the folder are uploaded: never checkpoints, optimizer states, logs or training arguments. The
-    card is (re)generated first, with usage snippets that load `repo_id`, unless the folder holds a hand-written
-    one. Everything is checked before the first request. The upload is one commit: the repo shows the whole
-    pipeline or none of it, even if the process is killed midway. Transient failures (5xx answers, 429, a reset
-    connection) are retried after 1, 2, 4 and 8 s; when the Hub still fails the local files are intact, and
-    running the same push again finishes it without re-sending what already arrived.
+    Only `model_index.json`, `unet/` and `scheduler/` (configs and safetensors weights), `README.md`, the evaluation
+    and sampler-sweep records and the images at the top of the folder are uploaded: never checkpoints, optimizer
+    states, logs or training arguments. The card is (re)generated first, with usage snippets that load `repo_id`,
+    unless the folder holds a hand-written one. Everything is checked before the first request. The upload is one
+    commit: the repo shows the whole pipeline or none of it, even if the process is killed midway. Transient failures
+    (5xx answers, 429, a reset connection) are retried after 1, 2, 4 and 8 s; when the Hub still fails the local files
+    are intact, and running the same push again finishes it without re-sending what already arrived.
 
     Args:
         folder_or_pipeline (`str`, `os.PathLike` or [`~diffusers.DiffusionPipeline`]): A folder written by
@@ -137,14 +138,14 @@ def check_saved_pipeline(folder: str | os.PathLike) -> None:
 
 
 def files_to_upload(folder: str | os.PathLike) -> list[str]:
-    """The folder's files that belong on the Hub, as repo paths: the pipeline, the card, the sample-quality record
-    and the sample images."""
+    """The folder's files that belong on the Hub, as repo paths: the pipeline (with the fast sampler's config), the
+    card, the sample-quality and sampler-sweep records and the images (samples, the sweep's curve)."""
     folder = Path(folder)
     paths = ["model_index.json"]
     for component in COMPONENT_CONFIGS:
         paths += sorted(f"{component}/{path.name}" for path in (folder / component).iterdir()
                         if path.is_file() and path.suffix in COMPONENT_SUFFIXES)
-    paths += [name for name in (CARD_NAME, EVAL_RESULTS_FILE) if (folder / name).is_file()]
+    paths += [name for name in (CARD_NAME, EVAL_RESULTS_FILE, SWEEP_FILE) if (folder / name).is_file()]
     return paths + sample_images(folder)
 
 

@@ -6,6 +6,7 @@ import inspect
 import json
 import os
 import tempfile
+import warnings
 from typing import Any, Callable, Literal
 
 import torch
@@ -16,6 +17,7 @@ from huggingface_hub import CommitInfo
 from .. import hub
 from ..models import UNet2DModel
 from ..schedulers import DDPMScheduler
+from .fast_sampler import FAST_SCHEDULER_CONFIG, FastSampler
 from .fast_sampling import CompiledOrEager, CUDAGraphStep, FastSampling
 
 OutputType = Literal["pil", "np", "pt"]
@@ -55,6 +57,13 @@ class DDPMPipeline(DiffusionPipeline):
     >>> pipe.save_pretrained("my-ddpm")  # loads with ddpm_hf or with plain diffusers
     >>> pipe.enable_fast_sampling()  # bf16 autocast, channels_last, torch.compile; CUDA graphs on GPU
     ```
+
+    A pipeline measured by `ddpm-hf sweep MODEL --save` samples with its fastest sampler of full quality:
+
+    ```py
+    >>> pipe = DDPMPipeline.from_pretrained("outputs/ddpm-digits").use_fast_sampler()
+    >>> images = pipe(batch_size=16).images  # e.g. DPM-Solver++ with 10 steps instead of 1,000 DDPM steps
+    ```
     """
 
     model_cpu_offload_seq = "unet"
@@ -65,6 +74,35 @@ class DDPMPipeline(DiffusionPipeline):
         self.fast_sampling: FastSampling | None = None  # set by enable_fast_sampling
         self._compiled_unet: CompiledOrEager | None = None
         self._weights_seen: tuple[tuple[int, int], ...] | None = None  # (address, version) of each UNet tensor
+        self.fast_sampler: FastSampler | None = None  # the measured fast sampler, read by from_pretrained
+        self._fast_scheduler: SchedulerMixin | None = None  # the scheduler use_fast_sampler() set
+
+    def use_fast_sampler(self) -> "DDPMPipeline":
+        r"""
+        Samples with the sampler and number of steps that `ddpm-hf sweep MODEL --save` measured as the fastest to
+        reach this model's best quality (saved in `scheduler/fast_scheduler_config.json`, which diffusers ignores).
+
+        Sets `self.scheduler` to it; while that scheduler is in place, `num_inference_steps` defaults to the measured
+        number of steps. The weights are not touched.
+
+        Returns:
+            The pipeline itself, so that `DDPMPipeline.from_pretrained(path).use_fast_sampler()` is a one-liner.
+
+        Raises:
+            ValueError: if no fast sampler was measured for this pipeline.
+        """
+        if self.fast_sampler is None:
+            name = self.config.get("_name_or_path") or "MODEL"
+            raise ValueError(f"{name} has no measured fast sampler (scheduler/{FAST_SCHEDULER_CONFIG}): measure and "
+                             f"save one with `ddpm-hf sweep {name} --save`, or choose a scheduler yourself.")
+        self.scheduler = self._fast_scheduler = self.fast_sampler.make_scheduler()
+        return self
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """diffusers' `save_pretrained`, plus the measured fast sampler's config when the pipeline has one."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if self.fast_sampler is not None:
+            self.fast_sampler.save(save_directory)
 
     def enable_fast_sampling(
         self,
@@ -136,7 +174,9 @@ class DDPMPipeline(DiffusionPipeline):
         diffusers writes: nested (`model_index.json`, `unet/`, `scheduler/`) and flat
         (`config.json`, `scheduler_config.json` and the weights at the root, like
         `google/ddpm-cifar10-32`). Components of other classes (say a `DDIMScheduler`) load as the
-        diffusers classes they name.
+        diffusers classes they name. A fast sampler measured by `ddpm-hf sweep --save`
+        (`scheduler/fast_scheduler_config.json`) becomes `pipe.fast_sampler`, for [`use_fast_sampler`]; an
+        unreadable one is left out with a warning.
 
         Raises:
             OSError: if the folder is not a saved pipeline, or a component's files are missing or corrupt.
@@ -168,6 +208,10 @@ class DDPMPipeline(DiffusionPipeline):
         for component, device in (device_map.items() if isinstance(device_map, dict) else ()):
             if component in loaded and isinstance(getattr(pipe, component), torch.nn.Module):
                 getattr(pipe, component).to(device)
+        try:
+            pipe.fast_sampler = FastSampler.load(folder)
+        except ValueError as error:  # the pipeline itself is intact: load it, without the fast sampler
+            warnings.warn(str(error), stacklevel=2)
         return pipe
 
     def push_to_hub(self, repo_id: str, commit_message: str | None = None, private: bool | None = None,
@@ -230,7 +274,7 @@ class DDPMPipeline(DiffusionPipeline):
         self,
         batch_size: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
-        num_inference_steps: int = 1000,
+        num_inference_steps: int | None = None,
         output_type: OutputType = "pil",
         return_dict: bool = True,
         callback_on_step_end: StepCallback | None = None,
@@ -242,8 +286,8 @@ class DDPMPipeline(DiffusionPipeline):
             batch_size (`int`, defaults to 1): Number of images to generate.
             generator (`torch.Generator` or a list of them, *optional*): Makes generation
                 deterministic; a list gives each image its own generator (length `batch_size`).
-            num_inference_steps (`int`, defaults to 1000): Number of denoising steps; at most the
-                scheduler's `num_train_timesteps`.
+            num_inference_steps (`int`, *optional*): Number of denoising steps; at most the scheduler's
+                `num_train_timesteps`. Defaults to 1000, or to the measured number after [`use_fast_sampler`].
             output_type (`"pil"`, `"np"` or `"pt"`, defaults to `"pil"`): PIL images, a NumPy array
                 (B, H, W, C) or a tensor (B, C, H, W), with values in [0, 1].
             return_dict (`bool`, defaults to `True`): Return an `ImagePipelineOutput` instead of a tuple.
@@ -263,6 +307,9 @@ class DDPMPipeline(DiffusionPipeline):
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(f"Got {len(generator)} generators for batch_size {batch_size}: pass one per image.")
 
+        if num_inference_steps is None:
+            fast = self._fast_scheduler is not None and self.scheduler is self._fast_scheduler
+            num_inference_steps = self.fast_sampler.num_inference_steps if fast else 1000
         device = self._execution_device
         # set_timesteps validates num_inference_steps before any noise is drawn.
         self.scheduler.set_timesteps(num_inference_steps, device=device)

@@ -141,9 +141,10 @@ def _grid_s(config, costs: StepCosts) -> float:
 
 
 def _evaluation_s(config, costs: StepCosts) -> float:
-    if config.eval_every is None:
+    """One quality measurement: `eval_num_samples` images, 64 at a time, `eval_steps` calls each (features: small)."""
+    if config.eval_every is None and not config.eval_at_end:
         return 0.0
-    return math.ceil(config.eval_num_samples / 64) * config.ddpm_num_inference_steps * costs.eval_call_s
+    return math.ceil(config.eval_num_samples / 64) * config.eval_steps * costs.eval_call_s
 
 
 def _checkpoint_s(run: Run) -> float:

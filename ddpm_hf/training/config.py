@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Literal
 
+from ..schedulers.samplers import EVAL_SAMPLER, EVAL_STEPS, SamplerName
 from ..schedulers.scheduling_ddpm import BetaSchedule, PredictionType, VarianceType
 from ..data import DataConfig
 from .presets import load_unet_config
@@ -91,7 +92,10 @@ class TrainingConfig:
     ddpm_num_inference_steps: int = 1000  # denoising steps when sampling grids (T: the paper's ancestral sampler)
     save_denoising_gif: bool = False  # also save the final grid's denoising process as an animated GIF
     eval_every: int | None = None  # measure sample quality (FD, KID, ...) every this many steps and at the end
+    eval_at_end: bool = True  # measure sample quality once at the end (other data than the digits: with Inception)
     eval_num_samples: int = 360  # images generated per quality measurement (360: the size of the digits' test split)
+    eval_sampler: SamplerName = EVAL_SAMPLER  # the sampler of quality measurements; ddpm (1000 steps) is the paper's
+    eval_steps: int = EVAL_STEPS  # its steps; on the main job's model as good as 1000 DDPM steps (README)
     eval_inception_weights: str | None = None  # inception-2015-12-05.pt, to measure FID on data other than the digits
 
     # Hugging Face Hub
@@ -118,6 +122,9 @@ class TrainingConfig:
                              f"model; --prediction_type {self.prediction_type} is not supported with it.")
         if self.recipe is not None:
             recipe_settings(self.recipe)  # an unknown name lists the recipes
+        if self.eval_steps > self.ddpm_num_steps:
+            raise ValueError(f"--eval_steps ({self.eval_steps}) cannot exceed --ddpm_num_steps "
+                             f"({self.ddpm_num_steps}).")
         if self.data.streaming and self.dataloader_num_workers > 0:
             raise ValueError("--streaming needs --dataloader_num_workers 0: the stream's position, which a resume "
                              "restores, lives in the dataset and DataLoader workers would each hold a copy.")

@@ -37,12 +37,24 @@ from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 from tqdm.auto import tqdm
 
-from ..evaluation import FeatureExtractor, ReferenceStats, generate_images, prepare_reference, reference_for_training
+from ..evaluation import (
+    INCEPTION_WEIGHTS_ENV,
+    FeatureExtractor,
+    RealDataFloor,
+    ReferenceStats,
+    default_floor_split,
+    format_quality,
+    generate_images,
+    prepare_floor,
+    prepare_reference,
+    reference_for_training,
+)
 from ..evaluation.evaluate import compare
 from ..hub import EVAL_RESULTS_FILE, HubPushError, create_hub_repo, push_to_hub, write_model_card
 from ..models import UNet2DModel
 from ..pipelines import DDPMPipeline
 from ..schedulers import DDPMScheduler
+from ..schedulers.samplers import get_sampler
 from .agreement import all_or_none, decided_by_main
 from .budget import fit_to_budget, past_deadline
 from .checkpointing import (Progress, checkpoint_bytes, checkpoint_progress, find_checkpoint, list_checkpoints,
@@ -61,6 +73,10 @@ from .presets import load_unet_config
 logger = get_logger(__name__)
 
 
+# What sample quality is measured against: the features, the training data's statistics, the real-data floor.
+QualityReference = tuple[FeatureExtractor, ReferenceStats, RealDataFloor | None]
+
+
 @dataclass
 class Run:
     """Everything the loop works on, made by `build`."""
@@ -77,7 +93,7 @@ class Run:
     max_train_steps: int
     progress: Progress = field(default_factory=Progress)
     repo_id: str | None = None  # the Hub repo to push to (main process, --push_to_hub), created before training
-    quality_reference: tuple[FeatureExtractor, ReferenceStats] | None = None  # main process, with --eval_every
+    quality_reference: QualityReference | None = None  # main process, when sample quality is measured
     evaluation: dict | None = None  # the latest sample-quality record, saved as eval_results.json for the card
     deadline: float | None = None  # with --max_train_minutes: the `time.perf_counter()` at which training stops
 
@@ -135,8 +151,8 @@ def train(config: TrainingConfig) -> DDPMPipeline | None:
         if config.resume_from_checkpoint == "latest" and saved_at is not None and saved_at >= max_train_steps:
             return finished_run(config, repo_id, saved_at, max_train_steps)
         quality_reference = None
-        if config.eval_every is not None and accelerator.is_main_process:  # a missing Inception file fails here
-            quality_reference = prepare_quality_reference(config, data, accelerator.device)
+        if (config.eval_every is not None or config.eval_at_end) and accelerator.is_main_process:
+            quality_reference = prepare_quality_reference(config, data, accelerator.device)  # no Inception file: here
         accelerator.wait_for_everyone()  # every process has passed the checks before any of them writes
 
         run = build(config, accelerator, data, unet_config, max_train_steps)
@@ -170,17 +186,29 @@ def finished_run(config: TrainingConfig, repo_id: str | None, step: int, max_tra
     return pipeline
 
 
-def prepare_quality_reference(config: TrainingConfig, data: TrainData,
-                              device: torch.device) -> tuple[FeatureExtractor, ReferenceStats]:
-    """The feature extractor and the training data's feature statistics that `--eval_every` compares with."""
+def prepare_quality_reference(config: TrainingConfig, data: TrainData, device: torch.device) -> QualityReference | None:
+    """The feature extractor, the training data's feature statistics and (on the digits) the real-data floor that
+    `--eval_every` and `--eval_at_end` compare samples with. None for `--eval_at_end` alone on data other than the
+    digits without the Inception weights: that end-of-run measurement is skipped, not an error."""
+    reference = reference_for_training(config.data)
+    has_inception = config.eval_inception_weights or os.environ.get(INCEPTION_WEIGHTS_ENV)
+    if config.eval_every is None and reference["features"] == "inception" and not has_inception:
+        logger.info(f"Sample quality will not be measured at the end: on {data.name} it needs the Inception weights "
+                    "(--eval_inception_weights).")
+        return None
     try:
-        return prepare_reference(data.num_channels, config.data.resolution, device=device,
-                                 inception_weights=config.eval_inception_weights, **reference_for_training(config.data))
+        extractor, reference_set = prepare_reference(data.num_channels, config.data.resolution, device=device,
+                                                     inception_weights=config.eval_inception_weights, **reference)
     except FileNotFoundError as error:
         raise FileNotFoundError(
             f"--eval_every compares samples of {data.name} with it in Inception features (the FID): {error} "
             "In training, give the file with --eval_inception_weights PATH, or leave out --eval_every."
         ) from error
+    floor_split = default_floor_split(reference["reference"], reference["split"])
+    floor = None
+    if floor_split is not None:
+        floor = prepare_floor(extractor, reference_set, floor_split, config.eval_num_samples, **reference)
+    return extractor, reference_set, floor
 
 
 def make_accelerator(config: TrainingConfig) -> Accelerator:
@@ -380,7 +408,8 @@ def train_loop(run: Run) -> str | None:
             if step % config.save_images_steps == 0 and step < run.max_train_steps:  # the last grid comes with save()
                 log_sample_grid(run)
                 throughput.restart(step)
-            if config.eval_every is not None and (step % config.eval_every == 0 or step == run.max_train_steps):
+            periodic = config.eval_every is not None and step % config.eval_every == 0
+            if periodic or (step == run.max_train_steps and (config.eval_every is not None or config.eval_at_end)):
                 measure_quality(run)
                 throughput.restart(step)
     return None
@@ -560,23 +589,30 @@ def log_sample_grid(run: Run):
 
 
 def measure_quality(run: Run):
-    """Generate `eval_num_samples` images with the EMA weights and compare them with the training data (the
-    digits classifier's features for the embedded digits, Inception's otherwise); log the metrics as `eval/...`
+    """Generate `eval_num_samples` images with the EMA weights and `eval_sampler`, compare them with the training data
+    (the digits classifier's features for the embedded digits, Inception's otherwise); log the metrics as `eval/...`
     and keep them for `eval_results.json` and the model card (main process only)."""
     if run.quality_reference is None:
         return
     config, step = run.config, run.progress.global_step
-    logger.info(f"Step {step}: measuring sample quality on {config.eval_num_samples} images "
-                f"({config.ddpm_num_inference_steps} denoising steps)...")
+    extractor, reference_set, floor = run.quality_reference
+    sampler = f"{config.eval_sampler}, {config.eval_steps} steps"
+    logger.info(f"Step {step}: measuring sample quality on {config.eval_num_samples} images ({sampler})...")
+    pipeline = sampling_pipeline(run)
+    pipeline.scheduler = get_sampler(config.eval_sampler).make_scheduler(pipeline.scheduler.config)
+    start = time.perf_counter()
     with sampling_mode(run.unet, run.ema):
-        images = generate_images(sampling_pipeline(run), config.eval_num_samples,
-                                 num_inference_steps=config.ddpm_num_inference_steps, seed=config.seed)
-    result = compare(images, *run.quality_reference)
+        images = generate_images(pipeline, config.eval_num_samples, num_inference_steps=config.eval_steps,
+                                 seed=config.seed)
+    result = compare(images, extractor, reference_set)
+    result.floor = floor
+    seconds = time.perf_counter() - start
     metrics = result.metrics()
     run.accelerator.log({f"eval/{name}": value for name, value in metrics.items()}, step=step)
-    logger.info(f"Step {step}: " + ", ".join(f"{name} {value:.4g}" for name, value in metrics.items()))
-    run.evaluation = {**result.to_dict(), "scheduler": "ddpm", "steps": config.ddpm_num_inference_steps,
-                      "seed": config.seed}
+    logger.info(f"Step {step}: {format_quality(result)}; " + ", ".join(f"{name} {value:.4g}" for name, value in
+                metrics.items() if name != "frechet_distance") + f" ({sampler}, {seconds:.1f} s)")
+    run.evaluation = {**result.to_dict(), "scheduler": config.eval_sampler, "steps": config.eval_steps,
+                      "seed": config.seed, "seconds": round(seconds, 1)}
 
 
 def log_grid(accelerator: Accelerator, grid: Image.Image, step: int):
