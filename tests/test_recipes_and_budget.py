@@ -18,6 +18,7 @@ from ddpm_hf import DDPMPipeline, DDPMScheduler
 from ddpm_hf.training import DataConfig, TrainingConfig, parse_args, train
 from ddpm_hf.training.checkpointing import list_checkpoints
 from ddpm_hf.training.losses import discretized_gaussian_log_likelihood, normal_kl, variational_bound_term
+from ddpm_hf.schedulers.samplers import get_sampler
 from ddpm_hf.training.recipes import RECIPES
 
 TRAIN = Path(__file__).resolve().parents[1] / "examples" / "train.py"
@@ -28,7 +29,7 @@ def quick_config(output_dir: Path, **overrides) -> TrainingConfig:
     data = DataConfig(resolution=8, max_train_samples=64)
     settings = dict(model_config="micro", train_batch_size=8, max_train_steps=6, learning_rate=2e-3, lr_warmup_steps=2,
                     checkpointing_steps=3, logging_steps=3, save_images_steps=1000, eval_batch_size=4,
-                    ddpm_num_inference_steps=5, logger="none", output_dir=str(output_dir))
+                    ddpm_num_inference_steps=5, logger="none", output_dir=str(output_dir), eval_at_end=False)
     return TrainingConfig(data=data, **{**settings, **overrides})
 
 
@@ -204,11 +205,17 @@ def test_the_variational_bound_vanishes_for_the_true_posterior():
 
 
 def test_a_learned_variance_model_trains_and_samples(tmp_path):
-    pipeline = train(quick_config(tmp_path / "run", variance_type="learned_range"))
+    pipeline = train(quick_config(tmp_path / "run", variance_type="learned_range", eval_at_end=True,
+                                  eval_num_samples=16, eval_steps=5))
     assert pipeline.unet.config.out_channels == 2 * pipeline.unet.config.in_channels
     assert pipeline.scheduler.config.variance_type == "learned_range"
     images = pipeline(batch_size=2, num_inference_steps=5, output_type="np").images
     assert images.shape == (2, 8, 8, 1) and (images >= 0).all() and (images <= 1).all()
+    # The other samplers take the noise prediction alone (the variance channels are the DDPM sampler's).
+    for name in ("ddim", "dpm-solver", "unipc", "euler-ancestral"):
+        pipeline.scheduler = get_sampler(name).make_scheduler(pipeline.scheduler.config)
+        assert pipeline(batch_size=2, num_inference_steps=5, output_type="np").images.shape == (2, 8, 8, 1)
+    assert json.loads((tmp_path / "run" / "eval_results.json").read_text())["frechet_distance"] > 0
 
 
 @pytest.mark.parametrize("overrides, message", [

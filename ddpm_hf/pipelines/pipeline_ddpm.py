@@ -350,8 +350,16 @@ class DDPMPipeline(DiffusionPipeline):
             self._weights_seen = weights
             predict = self._compiled_unet
 
+        # A UNet with learned variances predicts them in as many extra channels. A DDPM scheduler with a learned
+        # variance_type samples with them; every other scheduler takes the prediction alone (diffusers' DPM-Solver
+        # would cut the output at 3 channels, whatever the model's).
+        keeps_variance = type(self.scheduler).__name__ == "DDPMScheduler" and getattr(
+            self.scheduler.config, "variance_type", None) in ("learned", "learned_range")
+
         def denoise(sample: torch.Tensor, timestep: torch.Tensor) -> Any:
             model_output = predict(self.scheduler.scale_model_input(sample, timestep), timestep)
+            if not keeps_variance and model_output.shape[1] == 2 * sample.shape[1]:
+                model_output = model_output[:, : sample.shape[1]]
             return self.scheduler.step(model_output, timestep, sample, **step_kwargs)
 
         fast = self.fast_sampling
