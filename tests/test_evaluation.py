@@ -106,6 +106,7 @@ def test_held_out_digits_are_far_closer_to_the_train_split_than_noise(cache_dir,
     assert noise.frechet_distance > 20 * real.frechet_distance  # 545
     assert real.kid < noise.kid / 100
     assert real.confidence > 0.95 and real.class_coverage == 1.0
+    assert real.confident_share > 0.9 and noise.confident_share < 0.2  # read with probability >= 0.9 (0.94, 0.09)
     assert real.precision > 0.8 and noise.precision < 0.1
     assert (real.num_samples, real.num_reference) == (360, 1437)
 

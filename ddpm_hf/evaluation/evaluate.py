@@ -18,8 +18,10 @@ from .floor import RealDataFloor, prepare_floor
 from .metrics import FeatureStats, frechet_distance, kernel_inception_distance, precision_recall
 from .reference import DIGITS, ReferenceStats, reference_stats
 
-# A digit counts as confidently read when the classifier gives its class at least this probability.
+# A digit counts as read when the classifier gives its class at least this probability (for class coverage), and as
+# clearly read at the stricter level (the share of samples that look like one digit beyond doubt).
 CONFIDENT = 0.5
+CLEARLY_READ = 0.9
 
 
 @dataclass
@@ -40,6 +42,7 @@ class EvaluationResult:
     reference: str  # which images the samples were compared with
     confidence: float | None = None  # digits features: the classifier's mean top-class probability
     class_coverage: float | None = None  # digits features: share of the 10 digits confidently read at least once
+    confident_share: float | None = None  # digits features: share of samples read with probability >= 0.9
     floor: RealDataFloor | None = None  # the same distance for as many held-out real images, when measured
 
     def metrics(self) -> dict[str, float]:
@@ -203,7 +206,8 @@ def compare(images: torch.Tensor, extractor: FeatureExtractor, reference_set: Re
         features=extractor.name, reference=reference_set.description,
     )
     if isinstance(extractor, DigitsFeatures):
-        result.confidence, result.class_coverage = digit_confidence_and_coverage(extractor, images)
+        result.confidence, result.class_coverage, result.confident_share = digit_confidence_and_coverage(
+            extractor, images)
     return result
 
 
@@ -262,15 +266,17 @@ def generate_images(
 @torch.no_grad()
 def digit_confidence_and_coverage(
     extractor: DigitsFeatures, images: torch.Tensor, batch_size: int = 256
-) -> tuple[float, float]:
-    """The classifier's mean top-class probability on uint8 images, and the share of the ten digits it reads
+) -> tuple[float, float, float]:
+    """The classifier's mean top-class probability on uint8 images; the share of the ten digits it reads
     confidently (probability >= 0.5) in at least one image: 1.0 when every digit appears, 0.1 for a model
-    that draws a single digit, low for blobs no class claims."""
+    that draws a single digit, low for blobs no class claims; and the share of images it reads with probability
+    >= 0.9 (clearly one digit)."""
     probabilities = torch.cat([extractor.class_probabilities(batch.float() / 255).cpu()
                                for batch in images.split(batch_size)])
     top, predicted = probabilities.max(dim=1)
     confident_classes = predicted[top >= CONFIDENT].unique()
-    return top.mean().item(), len(confident_classes) / probabilities.shape[1]
+    clearly_read = (top >= CLEARLY_READ).float().mean().item()
+    return top.mean().item(), len(confident_classes) / probabilities.shape[1], clearly_read
 
 
 def _to_uint8(images: torch.Tensor) -> torch.Tensor:

@@ -44,6 +44,7 @@ PIPELINE_TAG = "unconditional-image-generation"
 SECRET_KEY = re.compile(r"token|secret|password|api_key", re.IGNORECASE)
 METRIC_NAMES = {"fid": "FID", "frechet_distance": "Fréchet distance", "kid": "KID", "precision": "Precision",
                 "recall": "Recall", "confidence": "Classifier confidence", "class_coverage": "Class coverage",
+                "confident_share": "Share read with confidence >= 0.9",
                 "inception_score": "Inception Score"}
 PREDICTION_TARGETS = {"epsilon": "the noise ε (epsilon)", "sample": "the clean image x₀ (sample)",
                       "v_prediction": "v = α_t ε − σ_t x₀ (v_prediction)"}
