@@ -23,6 +23,12 @@ CLASSES = ("DDPMScheduler", "UNet2DModel", "DDPMPipeline")
 # (class, attribute) -> why ddpm_hf does not have it. Empty today: keep every entry's reason current.
 OMITTED: dict[tuple[str, str], str] = {}
 
+# (class, attribute, parameter) -> why its default differs (each also a row of README's "Differences from diffusers").
+OTHER_DEFAULTS: dict[tuple[str, str, str], str] = {
+    ("DDPMPipeline", "__call__", "num_inference_steps"):
+        "None is diffusers' 1000, or the measured steps of the sampler use_fast_sampler() set",
+}
+
 # Dunder methods that belong to Python or torch, not to the diffusers API.
 GENERIC_DUNDERS = {
     "__class__", "__delattr__", "__dir__", "__eq__", "__format__", "__ge__", "__getattribute__", "__gt__", "__hash__",
@@ -45,7 +51,8 @@ def cases() -> list[tuple[str, str]]:
     return [(name, attribute) for name in CLASSES for attribute in api_names(getattr(diffusers, name))]
 
 
-def signature_problems(theirs: inspect.Signature, ours: inspect.Signature) -> list[str]:
+def signature_problems(theirs: inspect.Signature, ours: inspect.Signature, other_defaults: set[str] = frozenset()
+                       ) -> list[str]:
     """How a call written for `theirs` could fail or change meaning with `ours`: a parameter missing, moved, with
     another default, keyword-only where theirs takes it by position; or a new parameter without a default."""
     kinds = inspect.Parameter
@@ -64,7 +71,7 @@ def signature_problems(theirs: inspect.Signature, ours: inspect.Signature) -> li
         elif name not in our_params:
             if not takes_any_keyword:
                 problems.append(f"no parameter {name!r}")
-        elif our_params[name].default != param.default:
+        elif our_params[name].default != param.default and name not in other_defaults:
             problems.append(f"{name}={our_params[name].default!r} instead of {param.default!r}")
     problems += [f"required parameter {name!r} that diffusers does not have" for name, p in our_params.items()
                  if name not in their_params and p.default is p.empty and p.kind not in
@@ -93,9 +100,18 @@ def test_attribute_exists_with_a_compatible_signature(class_name, attribute):
     if kind(their_attribute) == "value":
         assert our_attribute == their_attribute
     elif kind(their_attribute) != "property":
+        other_defaults = {name for (cls, attr, name) in OTHER_DEFAULTS if (cls, attr) == (class_name, attribute)}
         problems = signature_problems(inspect.signature(getattr(theirs, attribute)),
-                                      inspect.signature(getattr(ours, attribute)))
+                                      inspect.signature(getattr(ours, attribute)), other_defaults)
         assert not problems, f"{class_name}.{attribute}: {'; '.join(problems)}"
+
+
+def test_the_default_number_of_steps_is_diffusers_1000():
+    """OTHER_DEFAULTS: without use_fast_sampler(), num_inference_steps=None runs diffusers' default of 1000 steps."""
+    pipe = ddpm_hf.DDPMPipeline(unet=ddpm_hf.UNet2DModel(**TINY_UNET_CONFIG), scheduler=ddpm_hf.DDPMScheduler())
+    steps = []
+    pipe(output_type="pt", callback_on_step_end=lambda pipe, index, timestep, tensors: steps.append(int(timestep)))
+    assert steps == list(range(999, -1, -1))
 
 
 def instances(library) -> dict[str, object]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import os
@@ -98,11 +99,18 @@ class DDPMPipeline(DiffusionPipeline):
         self.scheduler = self._fast_scheduler = self.fast_sampler.make_scheduler()
         return self
 
+    # The measured fast sampler's config, then diffusers' own save_pretrained (its signature too, through
+    # functools.wraps, whatever the release), which leaves other files in scheduler/ alone and, with
+    # push_to_hub=True, uploads the whole folder with it.
+    @functools.wraps(DiffusionPipeline.save_pretrained, assigned=("__module__", "__name__", "__qualname__"))
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
-        """diffusers' `save_pretrained`, plus the measured fast sampler's config when the pipeline has one."""
-        super().save_pretrained(save_directory, *args, **kwargs)
         if self.fast_sampler is not None:
             self.fast_sampler.save(save_directory)
+        super().save_pretrained(save_directory, *args, **kwargs)
+
+    save_pretrained.__doc__ = (f"{DiffusionPipeline.save_pretrained.__doc__}\n\n"
+                               "        ddpm_hf: a measured fast sampler is saved too "
+                               "(`scheduler/fast_scheduler_config.json`, which diffusers ignores).")
 
     def enable_fast_sampling(
         self,
