@@ -35,8 +35,8 @@ from typing import Any
 from peer import DEFAULTS, TUNED, PeerConfig, train_peer
 
 from ddpm_hf import DDPMPipeline
-from ddpm_hf.commands import SCHEDULERS
 from ddpm_hf.evaluation import digits_split, evaluate_images, evaluate_pipeline
+from ddpm_hf.schedulers.samplers import EVAL_SAMPLER, EVAL_STEPS, SAMPLERS, get_sampler
 from ddpm_hf.training import TrainingConfig, load_unet_config, train
 
 METRICS = ("frechet_distance", "kid", "precision", "recall", "confidence", "confident_share", "class_coverage")
@@ -82,10 +82,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--minutes", type=float, default=5.0,
                         help="the wall-clock budget of every run (default: 5, the README main job's training)")
     parser.add_argument("--num_samples", type=int, default=360, help="samples scored per run (default: 360)")
-    parser.add_argument("--sampler", choices=list(SCHEDULERS), default="dpm-solver",
-                        help="the fast sampler every row is scored with (default: dpm-solver)")
-    parser.add_argument("--steps", type=int, default=20, help="its steps (default: 20)")
+    parser.add_argument("--sampler", choices=list(SAMPLERS), default=EVAL_SAMPLER,
+                        help=f"the fast sampler every row is scored with (default: {EVAL_SAMPLER}, evaluation's)")
+    parser.add_argument("--steps", type=int, default=EVAL_STEPS, help=f"its steps (default: {EVAL_STEPS})")
     parser.add_argument("--top", type=int, default=3, help="rows also scored with 1,000 DDPM steps (default: 3)")
+    parser.add_argument("--ddpm_seeds", nargs="*", type=int,
+                        help="the seeds whose models are scored with 1,000 DDPM steps (default: every seed; none "
+                             "given: none, which a later run with the same --out can add)")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_recipes"), help="runs, models and the plot")
     parser.add_argument("--plot", type=Path, help="also save the plot here (e.g. docs/recipes.png)")
     args = parser.parse_args()
@@ -106,7 +109,7 @@ def training_config(row: Row, seed: int, args: argparse.Namespace, output_dir: P
     return TrainingConfig(seed=seed, max_train_steps=10**9, max_train_minutes=args.minutes * row.budget_share,
                           output_dir=str(output_dir), overwrite_output_dir=True, logger="none",
                           save_images_steps=10**9, checkpointing_steps=10**9, ddpm_num_inference_steps=20,
-                          **overrides)
+                          eval_at_end=False, **overrides)
 
 
 def train_row(row: Row, seed: int, args: argparse.Namespace) -> tuple[DDPMPipeline, int, float]:
@@ -115,6 +118,7 @@ def train_row(row: Row, seed: int, args: argparse.Namespace) -> tuple[DDPMPipeli
     started = time.perf_counter()
     if row.peer is not None:
         pipeline, steps = train_peer(config, row.peer, max_minutes=config.max_train_minutes)
+        pipeline.save_pretrained(output_dir)  # for the 1,000-step scoring, perhaps in a later run
     else:
         pipeline = train(config)
         steps = json.loads((output_dir / "training_config.json").read_text())["global_step"]
@@ -127,7 +131,7 @@ def score(pipeline: DDPMPipeline, sampler: str, steps: int, args: argparse.Names
     config = dict(pipeline.scheduler.config)
     if variance_type is not None:
         config["variance_type"] = variance_type
-    pipeline.scheduler = SCHEDULERS[sampler].from_config(config)
+    pipeline.scheduler = get_sampler(sampler).make_scheduler(config)
     started = time.perf_counter()
     result = evaluate_pipeline(pipeline, args.num_samples, num_inference_steps=steps, cache_dir=args.out / "stats")
     return {**{name: getattr(result, name) for name in METRICS}, "sample_seconds": time.perf_counter() - started}
@@ -169,7 +173,7 @@ def main() -> None:
     for name in dict.fromkeys([*best, "default", "peer-tuned"]):
         if name not in args.rows:
             continue
-        for seed in args.seeds:
+        for seed in args.seeds if args.ddpm_seeds is None else args.ddpm_seeds:
             for sampler, variance in (("ddpm-1000", None), ("ddpm-1000-fixed_large", "fixed_large")):
                 if (name, seed, sampler) in done or (variance and name != "default"):
                     continue
@@ -186,9 +190,7 @@ def read_runs(runs_file: Path) -> list[dict[str, Any]]:
 
 
 def load_model(args: argparse.Namespace, row: Row, seed: int) -> DDPMPipeline:
-    """A trained row's pipeline (ddpm_hf rows are saved by training; peer rows are retrained)."""
-    if row.peer is not None:
-        return train_row(row, seed, args)[0]
+    """A trained row's pipeline, as training saved it."""
     return DDPMPipeline.from_pretrained(args.out / "runs" / f"{row.name}-seed{seed}")
 
 
