@@ -11,10 +11,12 @@ classifier's features, from the same number of images (360 by default, the size 
 - floor: the 360 held-out real digits. No model can be expected to beat real data.
 - ddpm_hf: `ddpm_hf.training.train` with the README main job's defaults (the `tiny` UNet on the
   embedded 16 px digits; `TrainingConfig()`), EMA weights.
-- peer: the loop of diffusers' `examples/unconditional_image_generation/train_unconditional.py` with its
-  default optimisation (AdamW lr 1e-4, betas (0.95, 0.999), weight decay 1e-6, 500 warmup steps, cosine,
-  EMA up to 0.9999 with power 3/4, clipping at 1) on diffusers' own `UNet2DModel` and `DDPMScheduler`,
-  with the same budget: the same network, data, batch size, number of steps and seed.
+- peer: the loop of diffusers' `examples/unconditional_image_generation/train_unconditional.py`
+  (benchmarks/peer.py) on diffusers' own `UNet2DModel` and `DDPMScheduler`, with the same data, number of steps
+  and seed, in two settings (`--peer`): tuned as a careful user would for a short run (2 ResNet blocks per stage,
+  AdamW lr 1e-3, 100 warmup steps, cosine, EMA up to 0.999 with power 3/4, batch 64, clipping at 1) and the
+  example's defaults (lr 1e-4, 500 warmup steps, EMA up to 0.9999), which are made for runs a hundred times
+  longer. For the same wall-clock time rather than the same steps, see bench_recipes.py.
 
 With `--sweep`, ddpm_hf's model is also sampled with every sampler of `ddpm-hf sweep` (ddpm, ddim, dpm-solver,
 dpm-solver-sde, unipc, euler-ancestral) at 5, 10, 20, 50 and 1000 steps, from the same seeds, and the script checks
@@ -40,10 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import diffusers
-import torch
-import torch.nn.functional as F
-from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
+
+from peer import DEFAULTS, TUNED, train_peer
 
 from ddpm_hf import DDPMPipeline
 from ddpm_hf.evaluation import EvaluationResult, digits_split, evaluate_images, evaluate_pipeline, sweep_samplers
@@ -52,25 +52,11 @@ from ddpm_hf.evaluation.sweep import SamplerSweep
 from ddpm_hf.hub import read_training_metadata
 from ddpm_hf.pipelines.fast_sampler import SWEEP_FILE, write_json_atomically
 from ddpm_hf.schedulers.samplers import EVAL_SAMPLER, EVAL_STEPS, SWEEP_SAMPLERS, SWEEP_STEPS
-from ddpm_hf.training import DataConfig, TrainingConfig, load_train_data, load_unet_config, train
+from ddpm_hf.training import TrainingConfig, train
 
 SAMPLERS = {"ddpm": diffusers.DDPMScheduler, "ddim": diffusers.DDIMScheduler}
+PEERS = {"tuned": TUNED, "defaults": DEFAULTS}
 COLUMNS = ("frechet_distance", "kid", "precision", "recall", "confidence", "class_coverage")
-
-
-@dataclass
-class PeerConfig:
-    """train_unconditional.py's defaults for what ddpm_hf's TrainingConfig sets differently."""
-
-    learning_rate: float = 1e-4
-    lr_warmup_steps: int = 500
-    adam_betas: tuple[float, float] = (0.95, 0.999)
-    adam_weight_decay: float = 1e-6
-    adam_epsilon: float = 1e-8
-    ema_max_decay: float = 0.9999
-    ema_inv_gamma: float = 1.0
-    ema_power: float = 0.75
-    max_grad_norm: float = 1.0
 
 
 @dataclass
@@ -112,48 +98,15 @@ def ours_row(args: argparse.Namespace, training: TrainingConfig) -> Row:
                                                                                 same.seconds)
 
 
-def peer_row(args: argparse.Namespace, training: TrainingConfig) -> Row:
-    """Train with a train_unconditional-style loop on the same budget and score its EMA weights."""
-    start = time.perf_counter()
-    pipeline = train_peer(training, PeerConfig())
-    return score("peer: diffusers train_unconditional-style", pipeline, args, time.perf_counter() - start)
-
-
-def train_peer(training: TrainingConfig, peer: PeerConfig) -> DDPMPipeline:
-    """diffusers' example loop: x_t ~ q(x_t | x_0), MSE to the noise, AdamW, clipping, LR schedule, EMA."""
-    data = load_train_data(training.data, seed=training.seed)
-    torch.manual_seed(training.seed)
-    unet = diffusers.UNet2DModel(**load_unet_config(training.model_config), sample_size=training.data.resolution,
-                                 in_channels=data.num_channels, out_channels=data.num_channels)
-    scheduler = diffusers.DDPMScheduler(num_train_timesteps=training.ddpm_num_steps,
-                                        beta_schedule=training.ddpm_beta_schedule)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=peer.learning_rate, betas=peer.adam_betas,
-                                  weight_decay=peer.adam_weight_decay, eps=peer.adam_epsilon)
-    lr_scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=peer.lr_warmup_steps,
-                                 num_training_steps=training.max_train_steps)
-    ema = EMAModel(unet.parameters(), decay=peer.ema_max_decay, use_ema_warmup=True, inv_gamma=peer.ema_inv_gamma,
-                   power=peer.ema_power)
-    loader = torch.utils.data.DataLoader(data.dataset, batch_size=training.train_batch_size, shuffle=True,
-                                         generator=torch.Generator().manual_seed(training.seed))
-    unet.train()
-    step = 0
-    while step < training.max_train_steps:
-        for clean_images in loader:  # (B, C, H, W) in [-1, 1]
-            noise = torch.randn_like(clean_images)
-            timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(clean_images),))
-            noisy_images = scheduler.add_noise(clean_images, noise, timesteps)
-            loss = F.mse_loss(unet(noisy_images, timesteps).sample, noise)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), peer.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad()
-            ema.step(unet.parameters())
-            step += 1
-            if step == training.max_train_steps:
-                break
-    ema.copy_to(unet.parameters())
-    return DDPMPipeline(unet=unet.eval(), scheduler=scheduler)
+def peer_rows(args: argparse.Namespace, training: TrainingConfig) -> list[Row]:
+    """Train with the train_unconditional loop (benchmarks/peer.py) on the same number of steps, as the `--peer`
+    settings say, and score its EMA weights."""
+    rows = []
+    for name in PEERS if args.peer == "both" else (args.peer,):
+        start = time.perf_counter()
+        pipeline, _ = train_peer(training, PEERS[name])
+        rows.append(score(f"peer: diffusers train_unconditional, {name}", pipeline, args, time.perf_counter() - start))
+    return rows
 
 
 def score(name: str, pipeline: DDPMPipeline, args: argparse.Namespace, train_seconds: float | None) -> Row:
@@ -222,6 +175,9 @@ def parse_args() -> argparse.Namespace:
                         help="where the trained ddpm_hf pipeline and the reference cache go")
     parser.add_argument("--model", type=Path, help="score this saved README main-job pipeline instead of training "
                         "one (the peer, which would need training, is left out)")
+    parser.add_argument("--peer", choices=("tuned", "defaults", "both"), default="both",
+                        help="the peer's settings: tuned for a short run, the example's defaults, or both rows "
+                             "(default: both; see benchmarks/peer.py)")
     parser.add_argument("--sweep", action="store_true", help="also sweep every sampler and step count on ddpm_hf's "
                         "model and check the fast-sampling targets")
     parser.add_argument("--sweep_pairs", choices=("full", "short"), default="full", help="full: every sampler at "
@@ -241,15 +197,17 @@ def main():
     training = TrainingConfig(output_dir=str(args.output_dir / "ddpm_hf"), overwrite_output_dir=True, logger="none",
                               save_images_steps=10**9, ddpm_num_inference_steps=100, **steps)
     rows = []
-    for make_row in (floor_row, ours_row) if args.model else (floor_row, ours_row, peer_row):
-        rows.append(make_row(args, training))
-        print(rows[-1].to_json(), flush=True)
+    for make_row in (floor_row, ours_row) if args.model else (floor_row, ours_row, peer_rows):
+        made = make_row(args, training)
+        for row in made if isinstance(made, list) else [made]:
+            rows.append(row)
+            print(row.to_json(), flush=True)
     print_table(rows)
-    if len(rows) == 3:
-        ours, peer = rows[1].result.frechet_distance, rows[2].result.frechet_distance
-        verdict = "at least as good as" if ours <= peer else "WORSE than"
-        print(f"ddpm_hf (FD {ours:.2f}) is {verdict} the peer (FD {peer:.2f}) after {training.max_train_steps} "
-              f"steps, sampled with {args.inference_steps} {args.sampler} steps.")
+    ours = rows[1].result.frechet_distance
+    for peer in rows[2:]:
+        verdict = "at least as good as" if ours <= peer.result.frechet_distance else "WORSE than"
+        print(f"ddpm_hf (FD {ours:.2f}) is {verdict} {peer.name} (FD {peer.result.frechet_distance:.2f}) after "
+              f"{training.max_train_steps} steps, sampled with {args.inference_steps} {args.sampler} steps.")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-import diffusers
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, ModelMixin, ConfigMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.unets.unet_2d import UNet2DOutput
