@@ -97,10 +97,13 @@ def test_a_config_json_is_read_like_a_preset(tmp_path):
 
 def test_cli_flags_are_the_config_fields(capsys):
     assert parse_args([]) == TrainingConfig()  # the dataclass is the one source of defaults
-    config = parse_args(["--resolution", "32", "--random_flip", "--no-use_ema", "--snr_gamma", "5", "--prediction_type",
+    config = parse_args(["--resolution", "32", "--random_flip", "--no-use_ema", "--snr_gamma", "3", "--prediction_type",
                          "v_prediction", "--dataset_name", "ylecun/mnist", "--max_train_steps", "9"])
     assert (config.data.resolution, config.data.random_flip, config.data.dataset_name) == (32, True, "ylecun/mnist")
-    assert (config.use_ema, config.snr_gamma, config.prediction_type) == (False, 5.0, "v_prediction")
+    assert (config.use_ema, config.snr_gamma, config.prediction_type) == (False, 3.0, "v_prediction")
+    # min-SNR-5 is the default (the ablation harness's evidence, README); `none` turns it off, like any optional number.
+    assert (TrainingConfig().snr_gamma, parse_args(["--snr_gamma", "none"]).snr_gamma) == (5.0, None)
+    assert parse_args(["--snr_gamma", "None"]).snr_gamma is None
     assert config.max_train_steps == 9
 
     with pytest.raises(SystemExit) as exit_info:

@@ -18,7 +18,7 @@ import types
 import typing
 from collections.abc import Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from ..schedulers.samplers import EVAL_SAMPLER, EVAL_STEPS, SamplerName
 from ..schedulers.scheduling_ddpm import BetaSchedule, PredictionType, VarianceType
@@ -48,7 +48,7 @@ class TrainingConfig:
     ddpm_num_steps: int = 1000  # T, the number of noising steps (Ho et al. 2020 use 1000)
     ddpm_beta_schedule: BetaSchedule = "linear"  # how beta_t grows; "linear" is the paper's 1e-4 -> 0.02
     prediction_type: PredictionType = "epsilon"  # the UNet's target: the noise (the paper), x_0, or v
-    snr_gamma: float | None = None  # min-SNR-gamma loss weights (Hang et al. 2023 use 5.0); None: plain MSE
+    snr_gamma: float | None = 5.0  # min-SNR-gamma loss weights (Hang et al. 2023); none: plain MSE (README, recipes)
     variance_type: VarianceType = "fixed_small"  # the sampler's sigma_t^2; learned_range trains it (hybrid loss)
     vlb_weight: float = 0.001  # lambda of L_simple + lambda L_vlb with learned variances (Nichol & Dhariwal 2021)
 
@@ -95,7 +95,7 @@ class TrainingConfig:
     eval_at_end: bool = True  # measure sample quality once at the end (other data than the digits: with Inception)
     eval_num_samples: int = 360  # images generated per quality measurement (360: the size of the digits' test split)
     eval_sampler: SamplerName = EVAL_SAMPLER  # the sampler of quality measurements; ddpm (1000 steps) is the paper's
-    eval_steps: int = EVAL_STEPS  # its steps; on the main job's model as good as 1000 DDPM steps (README)
+    eval_steps: int = EVAL_STEPS  # its steps; on the main job's model within the noise of 1000 DDPM steps
     eval_inception_weights: str | None = None  # inception-2015-12-05.pt, to measure FID on data other than the digits
 
     # Hugging Face Hub
@@ -254,13 +254,24 @@ def add_flag(group: argparse._ArgumentGroup, name: str, hint: Any, default: Any,
     if hint is bool:
         group.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=default, help=help_text)
         return
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None: the flag takes an X
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    if optional:  # X | None: the flag takes an X, or `none` (to turn off a setting whose default is not None)
         hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
     if typing.get_origin(hint) is Literal:
         choices = typing.get_args(hint)
         group.add_argument(f"--{name}", type=type(choices[0]), choices=choices, default=default, help=help_text)
     else:
-        group.add_argument(f"--{name}", type=hint, default=default, metavar=hint.__name__.upper(), help=help_text)
+        group.add_argument(f"--{name}", type=none_or(hint) if optional else hint, default=default,
+                           metavar=hint.__name__.upper(), help=help_text)
+
+
+def none_or(parse: type) -> Callable[[str], Any]:
+    """A flag type that reads `none` as None and anything else with `parse` (argparse names `parse` on errors)."""
+    def parse_or_none(text: str) -> Any:
+        return None if text.lower() == "none" else parse(text)
+
+    parse_or_none.__name__ = parse.__name__  # argparse: "invalid float value: 'x'"
+    return parse_or_none
 
 
 def field_comments(cls: type) -> dict[str, str]:
