@@ -9,6 +9,7 @@ by plain `diffusers.DDPMPipeline`. Checks: every exit code 0, the loss falls, th
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -81,8 +82,10 @@ def make_image_folder(folder: Path, count: int, size: int) -> Path:
     return folder
 
 
-def train(flags: list[str], budget_s: float, stop_after_s: float | None = None) -> subprocess.CompletedProcess:
-    """Runs examples/train.py; with `stop_after_s`, sends SIGTERM that long after its progress bar first shows."""
+def train(flags: list[str], budget_s: float, stop_after_s: float | None = None, min_steps: int = 20
+          ) -> subprocess.CompletedProcess:
+    """Runs examples/train.py; with `stop_after_s`, sends SIGTERM that long after its progress bar first shows, or
+    later, once it shows `min_steps` steps (on a busy machine 8 s may be 4 steps: too few to see the loss fall)."""
     process = subprocess.Popen([sys.executable, "examples/train.py", *flags], cwd=REPO, env=_env(),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     output = bytearray()
@@ -100,6 +103,8 @@ def train(flags: list[str], budget_s: float, stop_after_s: float | None = None) 
     if stop_after_s is not None:
         if training_started.wait(timeout=max(deadline - time.monotonic(), 1)):
             time.sleep(min(stop_after_s, max(deadline - time.monotonic() - 15, 1)))
+            while steps_shown(output) < min_steps and deadline - time.monotonic() > 15 and process.poll() is None:
+                time.sleep(0.5)
         process.send_signal(signal.SIGTERM)
     try:
         process.wait(timeout=max(deadline - time.monotonic(), 5))
@@ -109,6 +114,12 @@ def train(flags: list[str], budget_s: float, stop_after_s: float | None = None) 
     reader.join(timeout=5)
     text = output.decode(errors="replace")
     return subprocess.CompletedProcess(process.args, process.returncode, stdout=text, stderr=text)
+
+
+def steps_shown(output: bytearray) -> int:
+    """The step count of the newest progress-bar redraw ("Training:  3%|...| 31/1000 [...")."""
+    counts = re.findall(rb"Training:[^\r\n]*?\| *(\d+)/\d+", bytes(output[-4000:]))
+    return int(counts[-1]) if counts else 0
 
 
 def loads_in_diffusers(folder: Path, device) -> bool | str:
