@@ -50,9 +50,10 @@ from ddpm_hf.evaluation import EvaluationResult, digits_split, evaluate_images, 
 from ddpm_hf.evaluation.plots import plot_sweep
 from ddpm_hf.evaluation.sweep import SamplerSweep
 from ddpm_hf.hub import read_training_metadata
-from ddpm_hf.pipelines.fast_sampler import SWEEP_FILE, write_json_atomically
+from ddpm_hf.pipelines.fast_sampler import SWEEP_FILE
 from ddpm_hf.schedulers.samplers import EVAL_SAMPLER, EVAL_STEPS, SWEEP_SAMPLERS, SWEEP_STEPS
 from ddpm_hf.training import TrainingConfig, train
+from ddpm_hf.utils.atomic_files import write_json_atomically
 
 SAMPLERS = {"ddpm": diffusers.DDPMScheduler, "ddim": diffusers.DDIMScheduler}
 PEERS = {"tuned": TUNED, "defaults": DEFAULTS}

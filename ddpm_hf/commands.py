@@ -15,7 +15,6 @@ Each `add_<name>_command(subparsers)` declares its arguments and sets `run` to t
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import warnings
@@ -34,7 +33,7 @@ from .evaluation.sweep import SamplerSweep, sweep_samplers
 from .hub import is_generated_card, write_model_card
 from .hub.card import CARD_NAME
 from .pipelines import DDPMPipeline
-from .pipelines.fast_sampler import SWEEP_FILE, SWEEP_PLOT, write_json_atomically
+from .pipelines.fast_sampler import SWEEP_FILE, SWEEP_PLOT
 from .schedulers.samplers import (
     EVAL_SAMPLER,
     EVAL_STEPS,
@@ -44,6 +43,7 @@ from .schedulers.samplers import (
     check_num_steps,
     get_sampler,
 )
+from .utils.atomic_files import atomic_write, write_json_atomically
 from .visualization import DenoisingRecorder, forward_process_strip, make_grid, to_pil
 
 OTHER_SAMPLERS_STEPS = 50  # default --steps for a --scheduler other than ddpm
@@ -232,9 +232,8 @@ def save_recommendation(folder: Path, sweep: SamplerSweep, pipe: DDPMPipeline, w
     for path in written:
         target = folder / path.name
         if path.resolve() != target.resolve():
-            temporary = target.with_name(f".{target.name}.tmp")
-            shutil.copyfile(path, temporary)
-            os.replace(temporary, target)
+            with atomic_write(target) as temporary:
+                shutil.copyfile(path, temporary)
     fast_sampler = sweep.fast_sampler(pipe)
     path = fast_sampler.save(folder)
     print(f"Saved the recommendation ({fast_sampler.sampler}, {fast_sampler.num_inference_steps} steps) to {path}. "

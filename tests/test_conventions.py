@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm_hf import DDPMPipeline, DDPMScheduler, UNet2DModel
+import ddpm_hf
+from ddpm_hf import DDPMScheduler, UNet2DModel
 from ddpm_hf.schedulers.scheduling_ddpm import BetaSchedule, PredictionType, TimestepSpacing, VarianceType
 
 from helpers import CIFAR10_CONFIG, PARITY_CONFIGS, TRAIN_UNCONDITIONAL_CONFIG, make_inputs, make_pipeline, tiny
@@ -182,7 +183,7 @@ def test_attention_processor_api_is_absent_in_both(name):
 def test_saving_and_pushing_are_diffusers_own_code(class_name, method):
     """Inherited, or (DDPMPipeline.save_pretrained, which writes the measured fast sampler first) a wrapper that
     calls diffusers' own method and has its signature."""
-    ours, theirs = globals()[class_name], getattr(diffusers, class_name)
+    ours, theirs = getattr(ddpm_hf, class_name), getattr(diffusers, class_name)
     our_method, their_method = inspect.getattr_static(ours, method), inspect.getattr_static(theirs, method)
     if inspect.isfunction(our_method) and our_method is not their_method:
         our_method = our_method.__wrapped__

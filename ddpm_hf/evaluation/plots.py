@@ -14,6 +14,7 @@ try:
 except ImportError:  # an optional extra: everything else works without it
     plt = None
 
+from ..utils.atomic_files import atomic_write
 from .sweep import SamplerSweep
 
 CAN_PLOT = plt is not None
@@ -54,11 +55,9 @@ def plot_sweep(sweep: SamplerSweep, path: str | os.PathLike, title: str | None =
     axes.legend(fontsize=8)
     figure.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    figure.savefig(temporary)
+    with atomic_write(path) as temporary:
+        figure.savefig(temporary, format="png")
     plt.close(figure)
-    os.replace(temporary, path)
     return path
 
 

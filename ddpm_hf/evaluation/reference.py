@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from ..data.loading import DataConfig, find_image_column, load_source, subset_indices
 from ..data.preprocessing import BAD_IMAGE_ERRORS, image_channels, open_image, prepare_image
+from ..utils.atomic_files import atomic_write
 from .digits_classifier import digits_split
 from .features import FeatureExtractor, compute_features
 from .metrics import FeatureStats
@@ -210,14 +211,11 @@ def _cache_name(key: dict) -> str:
 
 def _save(path: Path, reference: ReferenceStats, key: dict):
     """Write atomically, so that a concurrent or interrupted run never reads half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(f".{os.getpid()}.tmp")
     stats = reference.stats
-    with open(temporary, "wb") as f:
+    with atomic_write(path) as temporary, open(temporary, "wb") as f:
         np.savez(f, mu=stats.mu, sigma=stats.sigma, features=stats.features, num_images=stats.num_images,
                  num_channels=reference.num_channels, resolution=reference.resolution,
                  description=reference.description, key=json.dumps(key, sort_keys=True))
-    os.replace(temporary, path)
 
 
 def _load(path: Path) -> ReferenceStats:

@@ -29,6 +29,7 @@ from safetensors import safe_open
 
 from ..pipelines.fast_sampler import SWEEP_PLOT, FastSampler
 from ..schedulers.samplers import EVAL_SAMPLER, EVAL_STEPS, SAMPLERS
+from ..utils.atomic_files import atomic_write
 
 TEMPLATE_PATH = Path(__file__).parent / "model_cards" / "ddpm_pipeline.md"
 CARD_NAME = "README.md"
@@ -141,9 +142,8 @@ def write_model_card(folder: str | os.PathLike, repo_id: str | None = None, *, o
     if path.is_file() and not overwrite and not is_generated_card(path):
         return path
     card = render_model_card(folder, repo_id, **card_kwargs)
-    temporary = path.with_name(f".{CARD_NAME}.tmp")
-    card.save(temporary)
-    temporary.replace(path)
+    with atomic_write(path) as temporary:
+        card.save(temporary)
     return path
 
 

@@ -23,6 +23,7 @@ from typing import Any
 from diffusers import SchedulerMixin
 
 from ..schedulers.samplers import get_sampler
+from ..utils.atomic_files import write_json_atomically
 
 FAST_SCHEDULER_CONFIG = "fast_scheduler_config.json"
 # What the sweep measured, saved beside the pipeline with it (the model card shows the plot).
@@ -81,12 +82,3 @@ class FastSampler:
             raise ValueError(f"{path} names the sampler {sampler!r}, whose class is {expected}, but holds a "
                              f"{record.get('_class_name')} config; write it again with `ddpm-hf sweep MODEL --save`.")
         return cls(sampler, steps, record, measurement)
-
-
-def write_json_atomically(path: str | os.PathLike, record: dict[str, Any]) -> None:
-    """Write `record` as JSON through a temporary file in the same folder, so readers never see half of it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    os.replace(temporary, path)

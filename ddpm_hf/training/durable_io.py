@@ -1,4 +1,7 @@
-"""Writes that survive a crash or a power loss: write under a temporary name, fsync, rename, fsync the folder.
+"""Folders that survive a crash or a power loss (checkpoints, the final pipeline), and what failed writes leave.
+
+Single files go through `ddpm_hf.utils.atomic_files`; a folder is written whole under a temporary name, then
+published with one rename.
 
 A rename is atomic only for what reached the disk: after a power loss, a file renamed before its data
 was flushed can come back empty or full of zeros, and a rename not yet flushed in its folder can be
@@ -15,6 +18,8 @@ import re
 import shutil
 from pathlib import Path
 
+from ..utils.atomic_files import fsync, write_text_atomically
+
 try:
     import resource
 except ImportError:  # Windows: no file-size limits to diagnose
@@ -28,17 +33,6 @@ class WriteFailedError(RuntimeError):
     """A save could not be written (disk full, file-size limit, I/O error); nothing saved before it was lost."""
 
 
-def fsync(path: str | os.PathLike):
-    """Flush a file's or a folder's data and metadata to the disk."""
-    if os.name == "nt" and os.path.isdir(path):  # Windows cannot open a folder; NTFS journals its entries
-        return
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 def fsync_tree(folder: Path):
     """fsync every file under `folder`, then every folder, deepest first (a folder holds its entries' names)."""
     for root, _, files in os.walk(folder, topdown=False):
@@ -50,14 +44,13 @@ def fsync_tree(folder: Path):
 def write_text(path: Path, text: str, *, in_place: bool = False):
     """Write `text` to `path` durably: through a temporary file renamed over it, or directly with `in_place`
     (for files inside a folder that is itself committed by renaming it)."""
-    target = path if in_place else path.with_name(f".{path.name}.tmp")
-    with open(target, "w", encoding="utf-8") as file:
+    if not in_place:
+        write_text_atomically(path, text)
+        return
+    with open(path, "w", encoding="utf-8") as file:
         file.write(text)
         file.flush()
         os.fsync(file.fileno())
-    if not in_place:
-        os.replace(target, path)
-        fsync(path.parent)
 
 
 def commit_folder(temporary: Path, final: Path):

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 from ..pipelines import DDPMPipeline
+from ..utils.atomic_files import atomic_write
 from ..visualization import DenoisingRecorder, make_grid
 from .checkpointing import weights_bytes
 from .durable_io import fsync, fsync_tree, replace
@@ -42,9 +42,8 @@ def sample_grid(
 
 def save_image(image: Image.Image, path: Path):
     """Save `image` as `path` through a temporary file, so that a crash never leaves half a PNG."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    image.save(temporary, format=path.suffix.lstrip(".").upper())
-    os.replace(temporary, path)
+    with atomic_write(path) as temporary:
+        image.save(temporary, format=path.suffix.lstrip(".").upper())
 
 
 def publish(staging: Path, output_dir: Path):

@@ -1,0 +1,1 @@
+"""Helpers below every other part of ddpm_hf (they import nothing from it)."""
