@@ -16,6 +16,7 @@ from .evaluate import (
     generate_images,
     prepare_evaluation,
     prepare_reference,
+    prepare_scoring,
 )
 from .floor import RealDataFloor, default_floor_split, format_quality, prepare_floor, real_data_floor
 from .features import (
@@ -58,6 +59,7 @@ __all__ = [
     "prepare_evaluation",
     "prepare_floor",
     "prepare_reference",
+    "prepare_scoring",
     "real_data_floor",
     "reference_for_training",
     "reference_stats",

@@ -136,7 +136,15 @@ def prepare_evaluation(
     if height != width:
         raise ValueError(f"Evaluation compares square images; the model makes {height}x{width} ones.")
     reference_kwargs.setdefault("device", pipeline.device)
-    extractor, reference_set = prepare_reference(pipeline.unet.config.in_channels, height, **reference_kwargs)
+    return prepare_scoring(pipeline.unet.config.in_channels, height, num_samples, floor_split, **reference_kwargs)
+
+
+def prepare_scoring(
+    num_channels: int, resolution: int, num_samples: int, floor_split: str | None = None, **reference_kwargs: Any
+) -> tuple[FeatureExtractor, ReferenceStats, RealDataFloor | None]:
+    """[`prepare_evaluation`] for images of `num_channels` x `resolution`^2 from anywhere (a training run scores
+    samples of a model that is not a pipeline yet)."""
+    extractor, reference_set = prepare_reference(num_channels, resolution, **reference_kwargs)
     floor = None
     if floor_split is not None:
         floor = prepare_floor(extractor, reference_set, floor_split, num_samples, **reference_kwargs)

@@ -45,8 +45,7 @@ from ..evaluation import (
     default_floor_split,
     format_quality,
     generate_images,
-    prepare_floor,
-    prepare_reference,
+    prepare_scoring,
     reference_for_training,
 )
 from ..evaluation.evaluate import compare
@@ -196,19 +195,15 @@ def prepare_quality_reference(config: TrainingConfig, data: TrainData, device: t
         logger.info(f"Sample quality will not be measured at the end: on {data.name} it needs the Inception weights "
                     "(--eval_inception_weights).")
         return None
+    floor_split = default_floor_split(reference["reference"], reference["split"])
     try:
-        extractor, reference_set = prepare_reference(data.num_channels, config.data.resolution, device=device,
-                                                     inception_weights=config.eval_inception_weights, **reference)
+        return prepare_scoring(data.num_channels, config.data.resolution, config.eval_num_samples, floor_split,
+                               device=device, inception_weights=config.eval_inception_weights, **reference)
     except FileNotFoundError as error:
         raise FileNotFoundError(
             f"--eval_every compares samples of {data.name} with it in Inception features (the FID): {error} "
             "In training, give the file with --eval_inception_weights PATH, or leave out --eval_every."
         ) from error
-    floor_split = default_floor_split(reference["reference"], reference["split"])
-    floor = None
-    if floor_split is not None:
-        floor = prepare_floor(extractor, reference_set, floor_split, config.eval_num_samples, **reference)
-    return extractor, reference_set, floor
 
 
 def make_accelerator(config: TrainingConfig) -> Accelerator:
