@@ -67,6 +67,7 @@ from .durable_io import write_failure, write_text
 from .outputs import (DENOISING_GIF, FINAL_GRID, RAW_UNET_DIR, RUN_RECORD, SAMPLES_DIR, finished_step, pipeline_bytes,
                       publish, sample_grid, save_image)
 from .run_lock import lock_output_dir
+from .teardown import end_training
 from .presets import load_unet_config
 
 logger = get_logger(__name__)
@@ -172,7 +173,8 @@ def train(config: TrainingConfig) -> DDPMPipeline | None:
     finally:
         if lock is not None:
             lock.release()
-        accelerator.end_training()
+        run = None  # its DDP model holds the process group; end_training must see the last of it
+        end_training(accelerator)
 
 
 def finished_run(config: TrainingConfig, repo_id: str | None, step: int, max_train_steps: int) -> DDPMPipeline:
