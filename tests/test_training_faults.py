@@ -45,7 +45,7 @@ from fault_injection import (check_publishing_order, debris, fingerprint, finish
                              train_process, two_machines, wait_for, worker_of)
 from hub_server import LocalHub, use_local_hub
 from test_training import assert_same_weights, make_config, saved_weights
-from test_training_cli import QUICK, TRAIN
+from test_training_cli import ENV, QUICK, TRAIN
 
 # The run every test here interrupts: 64 embedded digits, the micro UNet (dropout on), checkpoints every 4 steps.
 STEPS, EVERY = 12, 4
@@ -365,6 +365,21 @@ def test_two_machines_stop_together_on_sigterm_and_resume_to_the_same_weights(tm
     for component in ("unet", "unet_raw"):
         assert_same_weights(saved_weights(tmp_path / "run", component), saved_weights(tmp_path / "uninterrupted",
                                                                                        component))
+
+
+def test_the_process_group_ends_after_the_ddp_model_through_a_backend_handle(tmp_path):
+    """The teardown that stopped the hang at exit (ddpm_hf/training/teardown.py), in two real processes: the DDP
+    model that the caller let go of is gone, the group is destroyed, and the backend handle that the group ends
+    with exists (a private PyTorch API: if it vanished, the fix would silently do nothing)."""
+    worker = Path(__file__).with_name("teardown_worker.py")
+    launch = subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--mixed_precision", "no",
+                             "--dynamo_backend", "no", str(worker)], env={**ENV, "ACCELERATE_USE_CPU": "1"},
+                            capture_output=True, text=True, timeout=240)
+    assert launch.returncode == 0, launch.stderr[-3000:]
+    reports = sorted((json.loads(line) for line in launch.stdout.splitlines() if line.startswith("{")),
+                     key=lambda report: report["rank"])
+    assert reports == [{"rank": rank, "ddp": True, "backends": ["ProcessGroupGloo"], "model_freed": True,
+                        "group_destroyed": True} for rank in (0, 1)]
 
 
 # --- bad images: skipped, and counted where the run is described ---------------------------------------------------

@@ -8,12 +8,14 @@ py-spy showed exactly this after a two-machine SIGTERM stop on a loaded CPU (abo
 `Reducer::~Reducer` → `~ProcessGroupGloo` → `std::thread::join` on the main thread, the worker in
 `~AsyncAllgatherWork` → `gil_scoped_acquire`.
 
-The Python handle of a backend (`ProcessGroupGloo`, `ProcessGroupNCCL`) releases the GIL while its destructor
-runs. So `end_training` takes such a handle first, lets go of everything else that holds the group, and drops
-the handle last: the join then happens with the GIL free, and the worker can finish.
+The Python handle of a gloo backend (`ProcessGroupGloo`) releases the GIL while its destructor
+runs. So `train` lets go of its DDP model first, and `end_training` holds a backend handle while the group is
+destroyed and drops it last: the join then happens with the GIL free, and the worker can finish.
 """
 
 from __future__ import annotations
+
+import gc
 
 import torch.distributed as dist
 from accelerate import Accelerator
@@ -22,10 +24,10 @@ from accelerate import Accelerator
 def end_training(accelerator: Accelerator) -> None:
     """`accelerator.end_training()` (trackers finished, process group destroyed), where it cannot hang.
 
-    Call it once nothing else refers to the prepared model: it releases the Accelerator's own references
-    (`free_memory`), so the DDP reducer is gone before the group's last handle."""
+    Call it once nothing refers to the DDP model any more (`train` lets go of its `Run` first): the model then
+    goes before the group's last handle."""
     handles = _backend_handles()
-    accelerator.free_memory()  # the prepared models (their reducers hold the group), optimizers, schedules
+    gc.collect()  # a DDP model caught in a reference cycle goes now, not at some later collection
     accelerator.end_training()
     del handles  # the group's last reference: its destructor joins the worker threads here, with the GIL released
 
