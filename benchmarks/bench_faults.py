@@ -4,6 +4,7 @@ and what fsync costs per checkpoint. The short versions of each are in tests/tes
     python benchmarks/bench_faults.py                       # all parts, 24 kills (~15 min on two busy CPU cores)
     python benchmarks/bench_faults.py --kills 40 --seed 3
     python benchmarks/bench_faults.py --parts fsync --dir /data/ckpt    # fsync where your checkpoints live
+    python benchmarks/bench_faults.py --parts stops --stops 100          # does a two-machine stop ever hang at exit?
 
 chaos  One run (the micro UNet on 64 digits, 40 steps, a checkpoint every 4, the newest 2 kept) launched again and
        again with the same command line (`--resume_from_checkpoint latest`, as a scheduler loops a job) and SIGKILLed:
@@ -18,6 +19,10 @@ disk   A 3 MB tmpfs (mounted in a user and mount namespace, `unshare -rm`, where
 nodes  Two `accelerate launch` machines on localhost (gloo): an uninterrupted run; a run whose node-1 worker gets
        SIGTERM, resumed; a run whose node-1 launcher gets SIGTERM (torchrun passes it on), resumed; a node 1 that
        writes to a folder the main node does not share. Reported: exit statuses, stop steps, bit-identity.
+stops  --stops two-machine runs in a row, each stopped by SIGTERM to node 1's worker after its first checkpoint,
+       beside --load busy processes (not a default part: about 20 s a stop). A launcher still running 90 s after
+       the signal is a hang, reported with every process's stack (py-spy, if installed). It found the gloo teardown
+       deadlock that ddpm_hf/training/teardown.py fixes: 3 hangs in 60 stops with 3 busy processes before the fix.
 power  A power loss cannot be staged here; what makes a rename survive one can be watched: a run under strace,
        whose every publishing rename (of a temporary checkpoint folder, staged pipeline entry or temporary file)
        must come after an fsync of each file under it and of the folder, and be followed by an fsync of the
@@ -248,6 +253,55 @@ def launcher_status(launcher: subprocess.Popen, patience: float = 30) -> int | s
         return f"still running {patience:g} s after its worker ended (torchrun's exit barrier); killed"
 
 
+def stops(folder: Path, count: int, load: int) -> dict:
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(load)]
+    hangs, seconds, statuses = [], [], []
+    try:
+        for index in range(count):
+            launchers = two_machines(folder / f"stop-{index}", free_ports(1)[0], FLAGS)
+            try:
+                node_1 = worker_of(launchers[1])
+                wait_for((folder / f"stop-{index}" / "checkpoints" / f"checkpoint-{EVERY}").is_dir, launchers[0])
+                signalled = time.monotonic()
+                node_1.send_signal(signal.SIGTERM)
+                deadline = signalled + 90
+                for launcher in launchers:  # communicate: stderr is a pipe, which must not fill up
+                    try:
+                        launcher.communicate(timeout=max(0.0, deadline - time.monotonic()))
+                    except subprocess.TimeoutExpired:
+                        pass
+                if any(launcher.poll() is None for launcher in launchers):
+                    hangs.append({"stop": index, "stacks": [stacks(launcher) for launcher in launchers]})
+                else:
+                    seconds.append(time.monotonic() - signalled)
+                    statuses.append([launcher.returncode for launcher in launchers])
+            finally:
+                for launcher in launchers:
+                    if launcher.poll() is None:
+                        kill_tree(launcher)
+            shutil.rmtree(folder / f"stop-{index}")
+            print(f"stop {index + 1}/{count}: {'HUNG' if hangs and hangs[-1]['stop'] == index else 'exited'}",
+                  flush=True)
+    finally:
+        for burner in burners:
+            burner.kill()
+    return {"stops": count, "busy_processes": load, "hung": len(hangs),
+            "all_others_exited_0": all(pair == [0, 0] for pair in statuses),
+            "median_exit_seconds": round(sorted(seconds)[len(seconds) // 2], 1) if seconds else None, "hangs": hangs}
+
+
+def stacks(launcher: subprocess.Popen) -> str:
+    """The native and Python stacks of `launcher` and everything under it (py-spy), or why there are none."""
+    if shutil.which("py-spy") is None:
+        return "py-spy is not installed (pip install py-spy)"
+    try:
+        tree = [psutil.Process(launcher.pid), *psutil.Process(launcher.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return "ended meanwhile"
+    return "\n".join(subprocess.run(["py-spy", "dump", "--native", "--pid", str(process.pid)], capture_output=True,
+                                    text=True).stdout for process in tree)
+
+
 # --- power ----------------------------------------------------------------------------------------------------------
 
 def power(folder: Path) -> dict:
@@ -322,9 +376,11 @@ def fsync_cost(folder: Path, rounds: int) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", default=["chaos", "disk", "nodes", "power", "fsync"],
-                        choices=["chaos", "disk", "nodes", "power", "fsync"])
+                        choices=["chaos", "disk", "nodes", "stops", "power", "fsync"])
     parser.add_argument("--kills", type=int, default=24, help="SIGKILLs in the chaos part (default: 24)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the random kill instants")
+    parser.add_argument("--stops", type=int, default=40, help="two-machine stops in the stops part (default: 40)")
+    parser.add_argument("--load", type=int, default=3, help="busy processes beside the stops part (default: 3)")
     parser.add_argument("--rounds", type=int, default=10, help="timed saves each way in the fsync part")
     parser.add_argument("--dir", type=Path, help="where the fsync part saves (default: a temporary folder)")
     parser.add_argument("--json", type=Path, help="also write the report there")
@@ -343,6 +399,8 @@ def main():
                 report[part] = disk(scratch / part)
             elif part == "nodes":
                 report[part] = nodes(scratch / part)
+            elif part == "stops":
+                report[part] = stops(scratch / part, args.stops, args.load)
             elif part == "power":
                 report[part] = power(scratch / part)
             else:
