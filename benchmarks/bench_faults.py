@@ -255,39 +255,50 @@ def launcher_status(launcher: subprocess.Popen, patience: float = 30) -> int | s
 
 def stops(folder: Path, count: int, load: int) -> dict:
     burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(load)]
-    hangs, seconds, statuses = [], [], []
+    outcomes = []
     try:
         for index in range(count):
-            launchers = two_machines(folder / f"stop-{index}", free_ports(1)[0], FLAGS)
+            run = folder / f"stop-{index}"
+            launchers = two_machines(run, free_ports(1)[0], FLAGS)
             try:
-                node_1 = worker_of(launchers[1])
-                wait_for((folder / f"stop-{index}" / "checkpoints" / f"checkpoint-{EVERY}").is_dir, launchers[0])
-                signalled = time.monotonic()
-                node_1.send_signal(signal.SIGTERM)
-                deadline = signalled + 90
-                for launcher in launchers:  # communicate: stderr is a pipe, which must not fill up
-                    try:
-                        launcher.communicate(timeout=max(0.0, deadline - time.monotonic()))
-                    except subprocess.TimeoutExpired:
-                        pass
-                if any(launcher.poll() is None for launcher in launchers):
-                    hangs.append({"stop": index, "stacks": [stacks(launcher) for launcher in launchers]})
-                else:
-                    seconds.append(time.monotonic() - signalled)
-                    statuses.append([launcher.returncode for launcher in launchers])
+                outcomes.append(stop_once(run, launchers))
             finally:
                 for launcher in launchers:
                     if launcher.poll() is None:
                         kill_tree(launcher)
-            shutil.rmtree(folder / f"stop-{index}")
-            print(f"stop {index + 1}/{count}: {'HUNG' if hangs and hangs[-1]['stop'] == index else 'exited'}",
-                  flush=True)
+                shutil.rmtree(run, ignore_errors=True)
+            print(f"stop {index + 1}/{count}: {outcomes[-1]['outcome']}", flush=True)
     finally:
         for burner in burners:
             burner.kill()
-    return {"stops": count, "busy_processes": load, "hung": len(hangs),
-            "all_others_exited_0": all(pair == [0, 0] for pair in statuses),
-            "median_exit_seconds": round(sorted(seconds)[len(seconds) // 2], 1) if seconds else None, "hangs": hangs}
+    exited = [outcome for outcome in outcomes if outcome["outcome"] == "exited"]
+    seconds = sorted(outcome["seconds"] for outcome in exited)
+    return {"stops": count, "busy_processes": load,
+            "hung": [index for index, outcome in enumerate(outcomes) if outcome["outcome"] == "hung"],
+            "failed_starts": [index for index, outcome in enumerate(outcomes) if outcome["outcome"] == "failed start"],
+            "all_others_exited_0": all(outcome["statuses"] == [0, 0] for outcome in exited),
+            "median_exit_seconds": round(seconds[len(seconds) // 2], 1) if seconds else None,
+            "stacks_of_hangs": [outcome["stacks"] for outcome in outcomes if outcome["outcome"] == "hung"]}
+
+
+def stop_once(run: Path, launchers: list[subprocess.Popen], patience: float = 90) -> dict:
+    """SIGTERM to node 1's worker once the first checkpoint is written, then wait `patience` s for both machines."""
+    try:
+        node_1 = worker_of(launchers[1])
+        wait_for((run / "checkpoints" / f"checkpoint-{EVERY}").is_dir, launchers[0])
+        node_1.send_signal(signal.SIGTERM)
+    except (psutil.NoSuchProcess, RuntimeError):  # a launch that failed or ended before the signal: not a stop
+        return {"outcome": "failed start"}
+    signalled = time.monotonic()
+    for launcher in launchers:  # communicate: stderr is a pipe, which must not fill up
+        try:
+            launcher.communicate(timeout=max(0.0, signalled + patience - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    if any(launcher.poll() is None for launcher in launchers):
+        return {"outcome": "hung", "stacks": [stacks(launcher) for launcher in launchers]}
+    return {"outcome": "exited", "seconds": time.monotonic() - signalled,
+            "statuses": [launcher.returncode for launcher in launchers]}
 
 
 def stacks(launcher: subprocess.Popen) -> str:
