@@ -373,11 +373,10 @@ def test_the_process_group_ends_after_the_ddp_model_through_a_backend_handle(tmp
     with exists (a private PyTorch API: if it vanished, the fix would silently do nothing)."""
     worker = Path(__file__).with_name("teardown_worker.py")
     launch = subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--mixed_precision", "no",
-                             "--dynamo_backend", "no", str(worker)], env={**ENV, "ACCELERATE_USE_CPU": "1"},
-                            capture_output=True, text=True, timeout=240)
+                             "--dynamo_backend", "no", str(worker), str(tmp_path)],
+                            env={**ENV, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=240)
     assert launch.returncode == 0, launch.stderr[-3000:]
-    reports = sorted((json.loads(line) for line in launch.stdout.splitlines() if line.startswith("{")),
-                     key=lambda report: report["rank"])
+    reports = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
     assert reports == [{"rank": rank, "ddp": True, "backends": ["ProcessGroupGloo"], "model_freed": True,
                         "group_destroyed": True} for rank in (0, 1)]
 
