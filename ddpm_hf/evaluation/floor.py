@@ -13,8 +13,8 @@ differ by chance: `ddpm-hf sweep` treats samplers within it of the best as equal
   so independent held-out sets of 360 do not exist; the partitions draw every subset from the whole
   pool instead. Each partition's reference also varies, which adds a little to the spread.
 
-Measured on the README main job's model (360 samples, digits features): 20 disjoint seed sets of
-samples (SDE-DPM-Solver++, 20 steps) have a Fréchet distance of 7.34 ± 1.44. The partitions give the
+Measured on the README main job's model of 2026-11-30 (plain MSE; 360 samples, digits features): 20 disjoint
+seed sets of samples (SDE-DPM-Solver++, 20 steps) have a Fréchet distance of 7.34 ± 1.44. The partitions give the
 real digits' floor 4.45 ± 1.63 (2,000 partitions; ± 1.76 with the default 100). A bootstrap of the
 held-out images (resampled with replacement) would say ± 2.27, and ± 2.33 on average for one set of
 samples, where the truth is ± 1.44: the duplicates it draws add spread of their own.

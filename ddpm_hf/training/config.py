@@ -95,7 +95,7 @@ class TrainingConfig:
     eval_at_end: bool = True  # measure sample quality once at the end (other data than the digits: with Inception)
     eval_num_samples: int = 360  # images generated per quality measurement (360: the size of the digits' test split)
     eval_sampler: SamplerName = EVAL_SAMPLER  # the sampler of quality measurements; ddpm (1000 steps) is the paper's
-    eval_steps: int = EVAL_STEPS  # its steps; on the main job's model within the noise of 1000 DDPM steps
+    eval_steps: int = EVAL_STEPS  # its steps; on the main job's model at least as good as 1000 DDPM steps
     eval_inception_weights: str | None = None  # inception-2015-12-05.pt, to measure FID on data other than the digits
 
     # Hugging Face Hub
