@@ -66,9 +66,9 @@ from .monitoring import LossMonitor, NonFiniteLossError, Throughput, stop_agreed
 from .durable_io import write_failure, write_text
 from .outputs import (DENOISING_GIF, FINAL_GRID, RAW_UNET_DIR, RUN_RECORD, SAMPLES_DIR, finished_step, pipeline_bytes,
                       publish, sample_grid, save_image)
+from .presets import load_unet_config
 from .run_lock import lock_output_dir
 from .teardown import end_training
-from .presets import load_unet_config
 
 logger = get_logger(__name__)
 

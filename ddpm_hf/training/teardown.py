@@ -27,7 +27,8 @@ def end_training(accelerator: Accelerator) -> None:
     Call it once nothing refers to the DDP model any more (`train` lets go of its `Run` first): the model then
     goes before the group's last handle."""
     handles = _backend_handles()
-    gc.collect()  # a DDP model caught in a reference cycle goes now, not at some later collection
+    if handles:
+        gc.collect()  # a DDP model caught in a reference cycle goes now, not at some later collection
     accelerator.end_training()
     del handles  # the group's last reference: its destructor joins the worker threads here, with the GIL released
 
