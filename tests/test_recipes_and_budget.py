@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from ddpm_hf import DDPMPipeline, DDPMScheduler
 from ddpm_hf.training import DataConfig, TrainingConfig, parse_args, train
+from ddpm_hf.training.budget import steps_that_fit
 from ddpm_hf.training.checkpointing import list_checkpoints
 from ddpm_hf.training.losses import discretized_gaussian_log_likelihood, normal_kl, variational_bound_term
 from ddpm_hf.schedulers.samplers import get_sampler
@@ -151,6 +152,26 @@ def test_at_the_deadline_the_run_checkpoints_saves_and_ends(tmp_path):
         "total_steps"] == 3
     assert json.loads((output_dir / "training_config.json").read_text())["global_step"] == 3
     assert DDPMPipeline.from_pretrained(output_dir).unet.config.sample_size == 8
+
+
+@pytest.mark.parametrize("seconds, periodic, expected", [
+    (14.0, [(10, 5.0)], 10),  # 10 steps, no grid before the last (spread over the steps it would be 9)
+    (15.9, [(10, 5.0)], 10),  # an 11th step brings the grid after step 10: 16 s
+    (16.0, [(10, 5.0)], 11),
+    (30.0, [(5, 10.0)], 10),
+    (100.0, [(10, 5.0), (3, 1.0)], 57),  # 57 + 5 * 5 + 18 * 1 = 100 (spread over the steps: 54)
+    (0.5, [(10, 5.0)], 0),  # not one step
+])
+def test_the_steps_that_fit_count_the_grids_and_checkpoints_they_pay_for(seconds, periodic, expected):
+    """Every `every` steps, before the last, costs `cost` seconds: the answer fits and one more step would not."""
+    def run_s(steps):
+        return steps * 1.0 + sum((steps - 1) // every * cost for every, cost in periodic)
+
+    steps = steps_that_fit(seconds, 1.0, periodic)
+    assert steps == 0 or run_s(steps) <= seconds
+    assert run_s(steps + 1) > seconds
+    spread = int(seconds / (1.0 + sum(cost / every for every, cost in periodic)))  # the old estimate, never more
+    assert steps == expected >= spread
 
 
 @pytest.mark.parametrize("minutes", [0, -1, math.nan, math.inf])

@@ -76,12 +76,28 @@ def fitting_steps(run: Run, costs: StepCosts, seconds_left: float) -> int:
     """The optimizer steps that fit in `seconds_left`, with the grids, evaluations and checkpoints due every so many
     steps on the way, and the end of the run."""
     config = run.config
-    # Real steps also load data and log: 5% more than the calibrated step, so that the deadline rarely cuts the run.
-    per_step = (1.05 * costs.step_s + _grid_s(config, costs) / config.save_images_steps
-                + _checkpoint_s(run) / config.checkpointing_steps)
+    periodic = [(config.save_images_steps, _grid_s(config, costs)), (config.checkpointing_steps, _checkpoint_s(run))]
     if config.eval_every is not None:
-        per_step += _evaluation_s(config, costs) / config.eval_every
-    return max(int((seconds_left - end_of_run_s(run, costs)) / per_step), 0)
+        periodic.append((config.eval_every, _evaluation_s(config, costs)))
+    # Real steps also load data and log: 5% more than the calibrated step, so that the deadline rarely cuts the run.
+    return steps_that_fit(seconds_left - end_of_run_s(run, costs), 1.05 * costs.step_s, periodic)
+
+
+def steps_that_fit(seconds: float, step_s: float, periodic: list[tuple[int, float]]) -> int:
+    """The most steps of `step_s` seconds that fit in `seconds`, where each `(every, cost)` of `periodic` costs
+    `cost` seconds after every `every`-th step before the last (the last step's grid, evaluation and checkpoint are
+    the end of the run's). Counted, not spread over the steps: a 900-step run pays for one grid every 500 steps,
+    not for 1.8."""
+    def run_s(steps: int) -> float:
+        return steps * step_s + sum((steps - 1) // every * cost for every, cost in periodic)
+
+    if seconds < step_s:
+        return 0
+    low, high = 1, int(seconds / step_s)  # run_s(low) <= seconds, and run_s(steps) >= steps * step_s
+    while low < high:  # run_s only grows with the steps: bisect for the last that fits
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if run_s(middle) <= seconds else (low, middle - 1)
+    return low
 
 
 def fit_to_budget(run: Run, started: float) -> None:
