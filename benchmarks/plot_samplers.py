@@ -41,10 +41,13 @@ def main() -> None:
         parser.error(f"no runs of {missing} in {[str(p) for p in args.runs]}; rows there: "
                      f"{sorted({key[0] for key in runs} - {'floor'})}")
 
-    import matplotlib
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        parser.error("matplotlib is not installed: pip install ddpm_hf[plots]")
 
     floor = runs.get(("floor", 0, "real"))
     figure, axes = plt.subplots(1, len(METRICS), figsize=(10, 4.4))
